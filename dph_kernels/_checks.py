@@ -1,0 +1,112 @@
+"""Input validation shared by every public entry point: clear errors that name the argument, before any launch."""
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+IMPLS = ("auto", "triton", "torch", "reference")
+
+
+def check_tensor(name, x, *, ndim=None, min_ndim=None, dtypes=None, integer=False, device=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(x.shape)}")
+    if integer and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor (e.g. torch.long), got {x.dtype}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {x.dtype}; expected one of {', '.join(str(d) for d in dtypes)}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device} but hidden is on {device}; put all inputs on one device")
+    return x
+
+
+def check_temperature(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(f"temperature must be a positive number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return float(temperature)
+
+
+def check_impl(impl):
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def resolve_impl(impl, device):
+    """'auto' -> Triton on CUDA tensors, chunked torch elsewhere."""
+    impl = check_impl(impl)
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if impl == "triton" and not triton_available():
+        raise RuntimeError("impl='triton' needs the triton package; install it or use impl='torch'")
+    if impl == "triton" and device.type != "cuda" and not interpreter_on():
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors (got device {device}); use impl='torch' on the CPU, or set "
+            "TRITON_INTERPRET=1 before importing dph_kernels to run the kernels in Triton's interpreter")
+    return impl
+
+
+def interpreter_on():
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available():
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def check_targets_range(targets, vocab, ignore_index, name="targets"):
+    """Every target is in [0, V) or equals ignore_index (one small reduction; it syncs on CUDA)."""
+    valid = targets != ignore_index
+    if not bool(valid.any()):
+        return
+    picked = targets[valid]
+    lo, hi = int(picked.min()), int(picked.max())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} contains {bad}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+
+
+def check_linear_inputs(hidden, weight, targets, bias, *, allow_fp64, head="weight", hidden_name="hidden",
+                        targets_name="targets", bias_name="bias"):
+    """Shapes, dtypes, devices of a (hidden, weight, targets, bias) linear-head problem. Returns (N, D, V)."""
+    dtypes = FLOAT_DTYPES + ((torch.float64,) if allow_fp64 else ())
+    check_tensor(hidden_name, hidden, min_ndim=1, dtypes=dtypes)
+    device = hidden.device
+    check_tensor(head, weight, ndim=2, dtypes=dtypes, device=device)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{head} has dtype {weight.dtype} but {hidden_name} has {hidden.dtype}; they must match")
+    D = hidden.shape[-1]
+    if weight.shape[1] != D:
+        raise ValueError(f"{head} must have shape (V, {D}) to match {hidden_name}'s last dimension D={D}, "
+                         f"got {tuple(weight.shape)}")
+    V = weight.shape[0]
+    if V == 0 or D == 0:
+        raise ValueError(f"{head} must be non-empty, got shape {tuple(weight.shape)}")
+    if targets is not None:
+        check_tensor(targets_name, targets, integer=True, device=device)
+        if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(f"{targets_name} must have shape {tuple(hidden.shape[:-1])} (hidden's leading shape), "
+                             f"got {tuple(targets.shape)}")
+    if bias is not None:
+        check_tensor(bias_name, bias, ndim=1, device=device)
+        if bias.shape[0] != V:
+            raise ValueError(f"{bias_name} must have shape ({V},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{bias_name} has dtype {bias.dtype} but {hidden_name} has {hidden.dtype}; they must match")
+    N = hidden.numel() // D
+    if N == 0:
+        raise ValueError(f"{hidden_name} is an empty batch (shape {tuple(hidden.shape)}); need at least one token")
+    return N, D, V

@@ -1,0 +1,211 @@
+"""Triton kernels for the fused linear log-prob (math in linear_logprob.py's docstring).
+
+Forward: a program owns BLOCK_N rows and one vocab range; it streams BLOCK_V-wide logit tiles (each a tl.dot over
+D blocks, fp32 accumulation), keeping per row an online max m, sum of exp s, sum of exp*z t (entropy) and the target
+logit. Vocab ranges are merged in torch (O(N * splits) floats): splitting the vocab gives enough programs to fill the
+GPU when N / BLOCK_N alone would not.
+
+Backward: one program per (row block, vocab block) tile, swizzled in groups so neighbouring programs share weight
+tiles in L2. It recomputes the logit tile, forms dlogit in fp32 registers, and adds dlogit @ W into dh and
+dlogit.T @ h into dW with fp32 atomics. Why atomics rather than per-block partial buffers: partial dW buffers cost
+(N / BLOCK_N) x size(W), and a chunked cuBLAS scheme needs a [chunk, V] buffer plus a second pass; atomics need only
+the fp32 accumulators. No gradient filtering (CCE-style skipping of tiles with tiny softmax mass): it is an
+approximation, and the contract asks for exact gradients.
+
+Interpreter (TRITON_INTERPRET=1): bf16/fp16 tl.dot and arithmetic are wrong there, so UPCAST (on only in the
+interpreter) casts loaded tiles to fp32 first.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import interpreter_on
+
+
+@triton.jit
+def _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
+                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """z[rows, cols] = (h @ W.T + b) * inv_temp, fp32; columns past V are -inf."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    h_base = H + rows.to(tl.int64)[:, None] * D
+    w_base = W + cols.to(tl.int64)[:, None] * D
+    for d0 in range(0, D, BLOCK_D):
+        dk = d0 + tl.arange(0, BLOCK_D)
+        d_mask = dk < D
+        h = tl.load(h_base + dk[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_base + dk[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc)
+    if HAS_BIAS:
+        b = tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc = acc + b[None, :]
+    z = acc * inv_temp
+    return tl.where(col_mask[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _forward_kernel(H, W, Bias, Targets, M_out, S_out, T_out, Zt_out,
+                    N, V, D, v_per_split, inv_temp,
+                    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    target = tl.load(Targets + rows, mask=row_mask, other=0)
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    z_target = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_start = split * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        rescale = tl.exp(m - m_new)
+        e = tl.exp(z - m_new[:, None])
+        s = s * rescale + tl.sum(e, axis=1)
+        if WITH_ENTROPY:
+            t = t * rescale + tl.sum(e * tl.where(col_mask[None, :], z, 0.0), axis=1)
+        z_target += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
+        m = m_new
+    out = split.to(tl.int64) * N + rows
+    tl.store(M_out + out, m, mask=row_mask)
+    tl.store(S_out + out, s, mask=row_mask)
+    tl.store(Zt_out + out, z_target, mask=row_mask)
+    if WITH_ENTROPY:
+        tl.store(T_out + out, t, mask=row_mask)
+
+
+@triton.jit
+def _backward_kernel(H, W, Bias, Targets, Lse, Sz, G_logp, G_ent, dH, dW, dBias,
+                     N, V, D, inv_temp,
+                     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, NEED_DW: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    v_blocks = tl.cdiv(V, BLOCK_V)
+    # Grouped ordering: GROUP row blocks sweep the vocab together, so weight tiles are reused from L2.
+    per_group = GROUP * v_blocks
+    first_n = (pid // per_group) * GROUP
+    group_size = tl.minimum(n_blocks - first_n, GROUP)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+    lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
+    g_l = tl.load(G_logp + rows, mask=row_mask, other=0.0)
+    target = tl.load(Targets + rows, mask=row_mask, other=-1)
+    p = tl.exp(z - lse[:, None])  # 0 on padded columns (z = -inf)
+    dz = g_l[:, None] * (tl.where(cols[None, :] == target[:, None], 1.0, 0.0) - p)
+    if WITH_ENTROPY:
+        g_h = tl.load(G_ent + rows, mask=row_mask, other=0.0)
+        s_z = tl.load(Sz + rows, mask=row_mask, other=0.0)
+        dz -= g_h[:, None] * p * tl.where(col_mask[None, :], z - s_z[:, None], 0.0)
+    # Ignored rows arrive with g = 0 and valid = False; the where keeps a NaN hidden state in them out of dW.
+    valid = target >= 0
+    dz = tl.where(valid[:, None] & row_mask[:, None] & col_mask[None, :], dz * inv_temp, 0.0)
+    if HAS_BIAS:
+        tl.atomic_add(dBias + cols, tl.sum(dz, axis=0), mask=col_mask)
+    if UPCAST:
+        dz_op = dz
+    else:
+        dz_op = dz.to(H.dtype.element_ty)
+    h_base = H + rows.to(tl.int64)[:, None] * D
+    w_base = W + cols.to(tl.int64)[:, None] * D
+    dh_base = dH + rows.to(tl.int64)[:, None] * D
+    dw_base = dW + cols.to(tl.int64)[:, None] * D
+    for d0 in range(0, D, BLOCK_D):
+        dk = d0 + tl.arange(0, BLOCK_D)
+        d_mask = dk < D
+        w = tl.load(w_base + dk[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:
+            w = w.to(tl.float32)
+        tl.atomic_add(dh_base + dk[None, :], tl.dot(dz_op, w), mask=row_mask[:, None] & d_mask[None, :])
+        if NEED_DW:
+            # Ignored rows load as 0, so a NaN hidden state there cannot reach dW through 0 * NaN.
+            h = tl.load(h_base + dk[None, :], mask=(row_mask & valid)[:, None] & d_mask[None, :], other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+            tl.atomic_add(dw_base + dk[None, :], tl.dot(tl.trans(dz_op), h), mask=col_mask[:, None] & d_mask[None, :])
+
+
+def _config(N, V, D):
+    """Tile sizes: large tiles under the interpreter (it runs programs one after another), tensor-core friendly
+    tiles on the GPU."""
+    if interpreter_on():
+        return dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=64, num_warps=4, num_stages=1)
+    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+
+
+def _vocab_splits(N, V, block_n, block_v, device):
+    """Enough vocab ranges that rows x splits covers the GPU about four times over."""
+    if interpreter_on() or device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    n_blocks = triton.cdiv(N, block_n)
+    want = max(1, (4 * sms + n_blocks - 1) // n_blocks)
+    return min(want, triton.cdiv(V, block_v))
+
+
+def forward(h, weight, bias, targets, valid, inv_temp, with_entropy):
+    N, D = h.shape
+    V = weight.shape[0]
+    cfg = _config(N, V, D)
+    bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    splits = _vocab_splits(N, V, bn, bv, h.device)
+    v_per_split = triton.cdiv(triton.cdiv(V, splits), bv) * bv
+    splits = triton.cdiv(V, v_per_split)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    m, s, zt = (torch.empty(splits, N, **f32) for _ in range(3))
+    t = torch.empty(splits, N, **f32) if with_entropy else m
+    # Ignored rows carry target -1 into the kernel, so they never match a column.
+    tgt = torch.where(valid, targets, torch.full_like(targets, -1))
+    _forward_kernel[(triton.cdiv(N, bn), splits)](
+        h, weight, bias if bias is not None else h, tgt, m, s, t, zt, N, V, D, v_per_split, inv_temp,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, UPCAST=interpreter_on(), **cfg)
+    # Merge the vocab ranges.
+    m_all = m.amax(0)
+    w = torch.exp(m - m_all)
+    s_all = (s * w).sum(0)
+    lse = m_all + torch.log(s_all)
+    logp = torch.where(valid, zt.sum(0) - lse, torch.zeros_like(lse))
+    S = (t * w).sum(0) / s_all if with_entropy else None
+    return logp, lse, S
+
+
+def backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, inv_temp, need_weight_grad=True):
+    N, D = h.shape
+    V = weight.shape[0]
+    cfg = _config(N, V, D)
+    zero = torch.zeros((), dtype=torch.float32, device=h.device)
+    g_logp = torch.where(valid, g_logp.float(), zero).contiguous()
+    with_entropy = g_ent is not None
+    g_ent = torch.where(valid, g_ent.float(), zero).contiguous() if with_entropy else g_logp
+    dh = torch.zeros(N, D, dtype=torch.float32, device=h.device)
+    dW = torch.zeros(V, D, dtype=torch.float32, device=h.device) if need_weight_grad else dh
+    db = torch.zeros(V, dtype=torch.float32, device=h.device) if bias is not None else None
+    tgt = torch.where(valid, targets, torch.full_like(targets, -1))
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
+    _backward_kernel[grid](
+        h, weight, bias if bias is not None else h, tgt, lse, S if S is not None else lse, g_logp, g_ent,
+        dh, dW, db if db is not None else dh, N, V, D, inv_temp,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, NEED_DW=need_weight_grad, GROUP=8,
+        UPCAST=interpreter_on(), **cfg)
+    return (dh.to(h.dtype), dW.to(weight.dtype) if need_weight_grad else None,
+            None if db is None else db.to(bias.dtype))

@@ -1,0 +1,195 @@
+import math
+
+import pytest
+import torch
+
+import dph_kernels as dk
+from dph_kernels import reference as ref
+from numerics import assert_contract, run_with_grads
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IMPLS = ["torch", "triton", "reference"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_problem(lead, D, V, dtype, *, bias=False, seed=0, ignore_frac=0.15, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, D, generator=g)
+    weight = torch.randn(V, D, generator=g) / math.sqrt(D) * 3.0  # peaked, non-uniform softmax
+    b = torch.randn(V, generator=g) if bias else None
+    targets = torch.randint(0, V, lead, generator=g)
+    targets[torch.rand(lead, generator=g) < ignore_frac] = -100
+    to = dict(device=device)
+    return (hidden.to(dtype=dtype, **to), weight.to(dtype=dtype, **to),
+            None if b is None else b.to(dtype=dtype, **to), targets.to(**to))
+
+
+def check_against_truth(impl, lead, D, V, dtype, *, bias, temperature, entropy, seed=0):
+    hidden, weight, b, targets = make_problem(lead, D, V, dtype, bias=bias, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    # Non-uniform upstream gradients, one per token and per output.
+    upstream = [torch.randn(lead, generator=g).to(hidden.device) for _ in range(2 if entropy else 1)]
+
+    def kernel(h, w, bb):
+        return dk.linear_logprob(h, w, targets, bias=bb, temperature=temperature, return_entropy=entropy, impl=impl)
+
+    def torch_math(h, w, bb):
+        return ref.linear_logprob(h, w, targets, bb, temperature, -100, entropy)
+
+    inputs = [hidden, weight, b]
+    k_out, k_grads = run_with_grads(kernel, inputs, upstream)
+    same_out, same_grads = run_with_grads(torch_math, [x.cpu() if x is not None else None for x in inputs],
+                                          [u.cpu() for u in upstream])
+    truth_out, truth_grads = run_with_grads(
+        torch_math, [x.cpu().double() if x is not None else None for x in inputs], [u.cpu() for u in upstream])
+    for o in k_out:
+        assert o.dtype == torch.float32 and o.shape == targets.shape
+    names = ["logp", "entropy"][: len(k_out)]
+    for name, k, s, t in zip(names, k_out, same_out, truth_out):
+        assert_contract(f"{impl} {dtype} {name}", k.cpu(), s, t, dtype)
+    for name, k, s, t in zip(["d_hidden", "d_weight", "d_bias"], k_grads, same_grads, truth_grads):
+        assert k.dtype == dtype
+        assert_contract(f"{impl} {dtype} {name}", k.cpu(), s, t, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_odd_shape_all_features(impl, dtype):
+    check_against_truth(impl, (37,), 67, 1001, dtype, bias=True, temperature=0.7, entropy=True)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_leading_shape_and_options(impl, entropy, bias):
+    check_against_truth(impl, (3, 7), 33, 517, torch.float32, bias=bias, temperature=1.0, entropy=entropy, seed=3)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_several_chunks_and_vocab_blocks(impl, monkeypatch):
+    # Force the chunked path through many chunks, and the Triton path through many tiles.
+    import sys
+    module = sys.modules["dph_kernels.linear_logprob"]
+    monkeypatch.setattr(module, "CHUNK_BYTES", 8 * 300 * 4)
+    check_against_truth(impl, (70,), 40, 300, torch.float32, bias=True, temperature=1.3, entropy=True, seed=5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_invariants(impl):
+    hidden, weight, _, targets = make_problem((4, 9), 24, 211, torch.float32, seed=7)
+    logp, ent = dk.linear_logprob(hidden, weight, targets, return_entropy=True, impl=impl)
+    assert (logp <= 0).all() and (ent >= 0).all()
+    assert (ent <= math.log(211) + 1e-5).all()
+    # The same batch scored twice gives exactly the same log-probs: an on-policy ratio is exactly 1.
+    again = dk.linear_logprob(hidden, weight, targets, impl=impl)
+    assert torch.equal(logp, again)
+    assert torch.equal(torch.exp(again - logp), torch.ones_like(logp))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_ignored_tokens_give_zero_and_no_gradient(impl):
+    hidden, weight, _, targets = make_problem((20,), 16, 97, torch.float32, seed=2, ignore_frac=0.0)
+    targets[[1, 5, 6]] = -1
+    hidden = hidden.requires_grad_()
+    logp, ent = dk.linear_logprob(hidden, weight, targets, ignore_index=-1, return_entropy=True, impl=impl)
+    assert torch.all(logp[[1, 5, 6]] == 0) and torch.all(ent[[1, 5, 6]] == 0)
+    (logp.sum() + ent.sum()).backward()
+    assert torch.all(hidden.grad[[1, 5, 6]] == 0)
+    assert torch.all(hidden.grad[0] != 0)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_nan_stays_in_its_token(impl):
+    hidden, weight, _, targets = make_problem((12,), 16, 97, torch.float32, seed=4, ignore_frac=0.0)
+    clean = dk.linear_logprob(hidden, weight, targets, impl=impl)
+    hidden[3, 2] = float("nan")
+    hidden[8, 0] = float("inf")
+    dirty, ent = dk.linear_logprob(hidden, weight, targets, return_entropy=True, impl=impl)
+    others = [i for i in range(12) if i not in (3, 8)]
+    assert torch.isnan(dirty[3]) and torch.isnan(dirty[8]) and torch.isnan(ent[3])
+    assert torch.equal(dirty[others], clean[others])
+    # An ignored NaN token stays out of the gradients of the others.
+    targets[3] = -100
+    targets[8] = -100
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    dk.linear_logprob(h, w, targets, impl=impl).sum().backward()
+    assert torch.isfinite(w.grad).all() and torch.isfinite(h.grad).all()
+
+
+def test_auto_picks_torch_on_cpu_and_matches():
+    hidden, weight, _, targets = make_problem((9,), 8, 50, torch.float32, device="cpu")
+    assert torch.equal(dk.linear_logprob(hidden, weight, targets),
+                       dk.linear_logprob(hidden, weight, targets, impl="torch"))
+
+
+def test_large_vocab_smoke():
+    V = 262144
+    hidden, weight, _, targets = make_problem((6,), 16, V, torch.float32, device="cpu", ignore_frac=0.0)
+    h = hidden.clone().requires_grad_()
+    logp, ent = dk.linear_logprob(h, weight, targets, return_entropy=True, impl="torch")
+    truth = ref.linear_logprob(hidden.double(), weight.double(), targets, return_entropy=True)
+    assert float((logp.double() - truth[0]).abs().max()) < 1e-4
+    assert float((ent.double() - truth[1]).abs().max()) < 1e-4
+    (logp.sum() + ent.sum()).backward()
+    assert torch.isfinite(h.grad).all()
+
+
+def test_torch_path_memory_is_bounded_by_a_chunk():
+    from dph_kernels.linear_logprob import CHUNK_BYTES, _chunk_rows
+    V = 50000
+    assert _chunk_rows(V) * V * 4 <= CHUNK_BYTES
+    assert _chunk_rows(10**9) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------- errors
+def _ok():
+    return make_problem((5,), 8, 30, torch.float32, device="cpu", ignore_frac=0.0)
+
+
+@pytest.mark.parametrize("mutate, exc, word", [
+    (lambda h, w, b, t: (h[0], w, b, t), ValueError, "targets"),              # rank mismatch
+    (lambda h, w, b, t: (h, w[:, :5], b, t), ValueError, "weight"),           # mismatched D
+    (lambda h, w, b, t: (h, w[0], b, t), ValueError, "weight"),               # 1-D weight
+    (lambda h, w, b, t: (h, w, b, t.float()), TypeError, "targets"),          # non-integer targets
+    (lambda h, w, b, t: (h, w, b, t + 100), ValueError, "targets"),           # out of range
+    (lambda h, w, b, t: (h, w, b, t - 10), ValueError, "targets"),            # negative, not ignore_index
+    (lambda h, w, b, t: (h.int(), w, b, t), TypeError, "hidden"),             # unsupported dtype
+    (lambda h, w, b, t: (h, w.half(), b, t), TypeError, "weight"),            # mixed dtypes
+    (lambda h, w, b, t: (h[:0], w, b, t[:0]), ValueError, "hidden"),          # empty batch
+    (lambda h, w, b, t: (h, w, torch.zeros(7), t), ValueError, "bias"),       # bias shape
+    (lambda h, w, b, t: ("x", w, b, t), TypeError, "hidden"),                 # not a tensor
+])
+def test_bad_input_names_the_argument(mutate, exc, word):
+    h, w, b, t = mutate(*_ok())
+    with pytest.raises(exc, match=word):
+        dk.linear_logprob(h, w, t, bias=b, impl="torch")
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_temperature(temperature):
+    h, w, _, t = _ok()
+    with pytest.raises(ValueError, match="temperature"):
+        dk.linear_logprob(h, w, t, temperature=temperature)
+
+
+def test_bad_impl_and_fp64_triton():
+    h, w, _, t = _ok()
+    with pytest.raises(ValueError, match="impl"):
+        dk.linear_logprob(h, w, t, impl="cuda")
+    with pytest.raises(TypeError, match="hidden"):
+        dk.linear_logprob(h.double(), w.double(), t, impl="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to have two devices")
+def test_mixed_devices():
+    h, w, _, t = _ok()
+    with pytest.raises(ValueError, match="weight"):
+        dk.linear_logprob(h.cuda(), w, t.cuda())
+
+
+def test_mixed_devices_meta():
+    # A meta-device weight beside CPU hidden: caught before any compute.
+    h, w, _, t = _ok()
+    with pytest.raises(ValueError, match="weight"):
+        dk.linear_logprob(h, w.to("meta"), t)
