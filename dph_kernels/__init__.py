@@ -3,8 +3,17 @@
     import dph_kernels as dk
     logp = dk.linear_logprob(hidden, lm_head.weight, targets)             # (B, T) fp32
     logp, entropy = dk.linear_logprob(hidden, lm_head.weight, targets, return_entropy=True)
+    loss_fn = dk.FusedLinearDPHLoss.preset("dph-js")
+    out = loss_fn(hidden, lm_head.weight, targets, loss_mask, is_pef, advantages=adv, old_logp=old, ref_logp=ref)
 """
+from .fused import PRESETS, DPHLossOutput, FusedLinearDPHLoss
 from .linear_logprob import linear_logprob
+from .losses import aggregate, f_divergence, grpo_advantages, kl_penalty, ppo_clip_loss
+from .reference import AGG_MODES, DIVERGENCES, KL_ESTIMATORS
 
-__all__ = ["linear_logprob"]
+__all__ = [
+    "linear_logprob", "FusedLinearDPHLoss", "DPHLossOutput", "PRESETS",
+    "ppo_clip_loss", "f_divergence", "kl_penalty", "aggregate", "grpo_advantages",
+    "DIVERGENCES", "KL_ESTIMATORS", "AGG_MODES",
+]
 __version__ = "0.1.0"

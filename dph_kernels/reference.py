@@ -45,3 +45,147 @@ def linear_logprob(hidden, weight, targets, bias=None, temperature=1.0, ignore_i
     entropy = -(logprobs.exp() * logprobs).sum(-1)
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return logp, entropy
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# f-divergence generators, on log_ratio = log pi_theta - log pi_ref (u = exp(log_ratio))
+# --------------------------------------------------------------------------------------------------------------------
+
+DIVERGENCES = ("fkl", "fkl_k1", "js", "alpha", "rkl", "tv", "hellinger")
+_LN2 = math.log(2.0)
+
+
+def f_generator(log_ratio, kind, alpha=0.5):
+    """f(u) at u = exp(log_ratio), written so that |log_ratio| <= 50 gives no inf/NaN in value or gradient.
+
+    E_{y ~ pi_ref}[f(pi_theta(y) / pi_ref(y))] is the divergence named by `kind` (method.md's table):
+      fkl        u - 1 - log u                       KL(pi_ref || pi_theta), with the zero-mean control variate u - 1
+      fkl_k1     -log u                              KL(pi_ref || pi_theta), plain
+      js         1/2 [u log u - (u+1) log((u+1)/2)]  JS(pi_theta, pi_ref) (the released code optimises 2 x this)
+      alpha      (u^(1-a) - (1-a) u - a) / (a (a-1)) a -> 1: forward KL, a -> 0: reverse KL
+      rkl        u log u - u + 1                     KL(pi_theta || pi_ref)
+      tv         1/2 |u - 1|                         total variation
+      hellinger  (sqrt(u) - 1)^2                     squared Hellinger
+    """
+    r = log_ratio
+    if kind == "fkl":
+        return torch.expm1(r) - r
+    if kind == "fkl_k1":
+        return -r
+    if kind == "js":
+        # u log u - (u+1) log((u+1)/2) = u (ln2 - softplus(-r)) - (softplus(r) - ln2): no cancellation of huge terms
+        u = torch.exp(r)
+        return 0.5 * (u * (_LN2 - torch.nn.functional.softplus(-r)) - (torch.nn.functional.softplus(r) - _LN2))
+    if kind == "alpha":
+        a = alpha
+        return (torch.exp((1 - a) * r) - (1 - a) * torch.exp(r) - a) / (a * (a - 1))
+    if kind == "rkl":
+        return torch.exp(r) * (r - 1) + 1
+    if kind == "tv":
+        return 0.5 * torch.expm1(r).abs()
+    if kind == "hellinger":
+        return torch.expm1(0.5 * r) ** 2
+    raise ValueError(f"kind must be one of {DIVERGENCES}, got {kind!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# KL estimators (the RKL baseline's penalty), PPO-clip, GRPO advantages
+# --------------------------------------------------------------------------------------------------------------------
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+
+
+def kl_estimate(logp, ref_logp, estimator="k3"):
+    """Per-token estimate of KL(pi_theta || pi_ref) on samples from pi_theta."""
+    d = logp - ref_logp
+    if estimator == "k1":
+        return d
+    if estimator == "abs":
+        return d.abs()
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        x = -d  # e^x - x - 1 with x = log pi_ref - log pi_theta
+        return torch.expm1(x) - x
+    raise ValueError(f"estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+LOG_RATIO_CLAMP = 20.0  # the ratio's log is clamped to +-20 before exp (verl / the released code)
+
+
+def ppo_clip_token_loss(logp, old_logp, advantages, clip_low=0.2, clip_high=0.2, dual_clip=None):
+    """Per-token PPO-clip loss max(-A r, -A clip(r, 1-eps_low, 1+eps_high)), with dual clip min(., -c A) for A < 0.
+
+    Returns (loss, ratio, clipped_low, clipped_high, clipped_dual): the boolean masks mark where each clip binds.
+    """
+    log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    clipped_high = (advantages > 0) & (ratio > 1 + clip_high)
+    clipped_low = (advantages < 0) & (ratio < 1 - clip_low)
+    if dual_clip is not None:
+        bound = -dual_clip * advantages
+        clipped_dual = (advantages < 0) & (loss > bound)
+        loss = torch.where(clipped_dual, bound, loss)
+    else:
+        clipped_dual = torch.zeros_like(clipped_high)
+    return loss, ratio, clipped_low, clipped_high, clipped_dual
+
+
+def grpo_advantages(rewards, group_size, norm_std=True, eps=1e-6):
+    """(R - mean_group R) / (std_group R + eps), unbiased std, groups = consecutive runs of group_size rewards."""
+    r = rewards.reshape(-1, group_size)
+    adv = r - r.mean(1, keepdim=True)
+    if norm_std:
+        std = r.std(1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(adv[:, :1])
+        adv = adv / (std + eps)
+    return adv.reshape(rewards.shape)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Aggregation (verl's loss_agg_mode)
+# --------------------------------------------------------------------------------------------------------------------
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def aggregation_weights(mask, mode, normalizer=None, norm_length=None):
+    """Weights w (same shape as mask, 2-D (rows, T)) such that the aggregated loss is sum(w * token_loss).
+
+      token-mean               sum over tokens / (number of tokens)              normalizer: global token count
+      seq-mean-token-mean      mean over rows of (row sum / row tokens)          normalizer: global row count
+      seq-mean-token-sum       mean over rows of (row sum)                       normalizer: global row count
+      seq-mean-token-sum-norm  sum / (rows x norm_length) (Dr. GRPO)            normalizer: global rows x norm_length
+    Rows with no token count as no row. Nothing selected -> all-zero weights (a zero loss, never NaN).
+    """
+    m = mask.to(torch.float64 if mask.dtype == torch.float64 else torch.float32)
+    if m.dim() == 1:
+        m = m.unsqueeze(0)
+    row_tokens = m.sum(-1)
+    rows = (row_tokens > 0).sum()
+    if mode == "token-mean":
+        denom = m.sum() if normalizer is None else normalizer
+        w = m
+    elif mode == "seq-mean-token-mean":
+        denom = rows if normalizer is None else normalizer
+        w = m / row_tokens.clamp_min(1).unsqueeze(-1)
+    elif mode == "seq-mean-token-sum":
+        denom = rows if normalizer is None else normalizer
+        w = m
+    elif mode == "seq-mean-token-sum-norm":
+        length = m.shape[-1] if norm_length is None else norm_length
+        denom = rows * length if normalizer is None else normalizer
+        w = m
+    else:
+        raise ValueError(f"loss_agg must be one of {AGG_MODES}, got {mode!r}")
+    denom = torch.as_tensor(denom, dtype=w.dtype, device=w.device)
+    w = w / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return w.reshape(mask.shape)
+
+
+def aggregate(values, mask, mode, normalizer=None, norm_length=None):
+    w = aggregation_weights(mask, mode, normalizer, norm_length).to(values.dtype)
+    # where, not multiply: a NaN/inf in a masked-out token must not leak into the loss
+    return torch.where(w != 0, values * w, torch.zeros_like(values)).sum()

@@ -1,0 +1,278 @@
+"""FusedLinearDPHLoss: the DPH-RL hybrid loss straight from last hidden states and the lm_head weight.
+
+    loss_fn = dk.FusedLinearDPHLoss.preset("dph-js")
+    out = loss_fn(hidden, lm_head.weight, targets, loss_mask, is_pef, advantages=adv, old_logp=old, ref_logp=ref)
+    out.loss.backward()
+
+Per sequence routing (method.md): rows with is_pef=False (D_exp) get PPO-clip (+ optional reverse-KL penalty and
+entropy bonus) on their own advantages; rows with is_pef=True (D_pef) get only the f-divergence generator on their
+stored reference log-probs. L = L_exp + eta * L_pef, each aggregated over its own rows with `loss_agg`.
+
+The pieces: one linear_logprob forward (no [tokens x vocab] logits); the per-token losses and their derivatives in
+one elementwise pass (a Triton kernel on the Triton path, reference.py's torch math elsewhere); one linear_logprob
+backward. Extra memory over linear_logprob is O(B * T).
+
+Differences from the released reference code (a verl 0.4.1 fork), all explicit here:
+* JS: the release optimises 2 x JS (it omits the 1/2); "js" here is the true JS. eta=0.2 on 2 x JS = eta=0.4 here.
+* Forward KL: the release clamps log u to +-20 and f to (-10, 10); preset "dph-f" sets divergence_clamp=(-10, 10).
+* Weighting: the release averages each 2-sequence micro-batch, so D_pef enters with an effective weight ~ eta / 8
+  relative to the PPO term. Here eta is the weight of L_pef against L_exp, each a proper mean over its own tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _checks
+from . import reference as ref
+from .linear_logprob import linear_logprob
+from .losses import _check_agg, _check_clip, _check_kind, masked_max, masked_mean
+
+PRESETS = {
+    # The paper's baselines and methods; ratios are clipped with eps_low = 0.2 and a dual clip c = 3 throughout.
+    "grpo": dict(divergence=None, clip_low=0.2, clip_high=0.2, dual_clip=3.0),
+    "dapo": dict(divergence=None, clip_low=0.2, clip_high=0.28, dual_clip=3.0),
+    "rkl": dict(divergence=None, clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_beta=0.01, kl_estimator="k3"),
+    "dph-f": dict(divergence="fkl", eta=0.05, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
+                  divergence_clamp=(-10.0, 10.0)),
+    "dph-js": dict(divergence="js", eta=0.2, clip_low=0.2, clip_high=0.28, dual_clip=3.0),
+    "alpha": dict(divergence="alpha", alpha=0.5, eta=0.2, clip_low=0.2, clip_high=0.28, dual_clip=3.0),
+}
+
+
+@dataclass
+class DPHLossOutput:
+    loss: torch.Tensor
+    metrics: dict = field(default_factory=dict)
+    logp: torch.Tensor | None = None
+
+
+class _TritonTokenLoss(torch.autograd.Function):
+    """Per-token weighted losses from the Triton elementwise kernel; backward is one multiply."""
+
+    @staticmethod
+    def forward(ctx, logp, old, adv, ref_logp, online_ref, is_pef_tok, weights, cfg):
+        from .token_loss_triton import token_losses
+        contrib, dlogp, ratio, flags, kl, div = token_losses(logp, old, adv, ref_logp, online_ref, is_pef_tok,
+                                                              weights, cfg)
+        ctx.save_for_backward(dlogp)
+        ctx.mark_non_differentiable(ratio, flags, kl, div)
+        return contrib, ratio, flags, kl, div
+
+    @staticmethod
+    def backward(ctx, g_contrib, *_):
+        (dlogp,) = ctx.saved_tensors
+        return g_contrib * dlogp, None, None, None, None, None, None, None
+
+
+def _torch_token_loss(logp, old, adv, ref_logp, online_ref, is_pef_tok, weights, cfg):
+    """The same per-token losses with reference.py's math, differentiated by autograd."""
+    ppo, ratio, lo, hi, dual = ref.ppo_clip_token_loss(logp, old, adv, cfg["clip_low"], cfg["clip_high"],
+                                                        cfg["dual_clip"])
+    loss_exp, kl = ppo, torch.zeros_like(logp)
+    if cfg["kl_beta"] != 0:
+        kl = ref.kl_estimate(logp, online_ref, cfg["kl_estimator"])
+        loss_exp = loss_exp + cfg["kl_beta"] * kl
+    div = torch.zeros_like(logp)
+    if cfg["divergence"] is not None:
+        div = ref.f_generator(logp - ref_logp, cfg["divergence"], cfg["alpha"])
+        if cfg["divergence_clamp"] is not None:
+            div = torch.clamp(div, *cfg["divergence_clamp"])
+    loss = torch.where(is_pef_tok, div, loss_exp)
+    contrib = torch.where(weights != 0, weights * loss, torch.zeros_like(loss))
+    flags = lo.to(torch.int8) + 2 * hi.to(torch.int8) + 4 * dual.to(torch.int8)
+    return contrib, ratio.detach(), flags, kl.detach(), div.detach()
+
+
+def _split_normalizer(normalizer):
+    if normalizer is None:
+        return None, None
+    if isinstance(normalizer, dict):
+        unknown = set(normalizer) - {"exp", "pef"}
+        if unknown:
+            raise ValueError(f"normalizer dict keys must be 'exp' and/or 'pef', got {sorted(unknown)}")
+        parts = normalizer.get("exp"), normalizer.get("pef")
+    else:
+        parts = normalizer, normalizer
+    for p in parts:
+        if p is not None and not float(p) > 0:
+            raise ValueError(f"normalizer must be > 0, got {p}")
+    return parts
+
+
+class FusedLinearDPHLoss(torch.nn.Module):
+    """The DPH-RL hybrid loss (and every baseline of the paper as a configuration). See the module docstring.
+
+    Args:
+        divergence: generator for D_pef rows ("fkl", "fkl_k1", "js", "alpha", "rkl", "tv", "hellinger") or None
+            for plain GRPO/DAPO (then no row may be is_pef).
+        eta: weight of L_pef.  alpha: for divergence="alpha".  divergence_clamp: optional (lo, hi) clamp of f.
+        clip_low, clip_high, dual_clip: PPO ratio clip 1 - clip_low .. 1 + clip_high; dual clip c (None = off).
+        kl_beta, kl_estimator: reverse-KL penalty beta * k(logp, online_ref_logp) on D_exp tokens (RKL baseline).
+        entropy_coef: adds -entropy_coef * H on D_exp tokens (computes the entropy in the same pass).
+        loss_agg: "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum" | "seq-mean-token-sum-norm".
+        norm_length: the constant length of "seq-mean-token-sum-norm" (default: T of the batch).
+        log_entropy: compute the entropy for the metrics even when entropy_coef == 0.
+        temperature, ignore_index, impl: as in dk.linear_logprob.
+        divergence_mode: "sampled" (the generator at the stored tokens; the paper) or "exact" (the divergence summed
+            over the whole vocabulary against a reference head, dk.linear_f_divergence; needs ref_hidden/ref_weight).
+    """
+
+    def __init__(self, divergence="js", eta=0.2, alpha=0.5, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
+                 kl_beta=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean", temperature=1.0,
+                 ignore_index=-100, impl="auto", divergence_clamp=None, norm_length=None, log_entropy=False,
+                 divergence_mode="sampled"):
+        super().__init__()
+        if divergence is not None:
+            _check_kind(divergence, alpha)
+        _check_clip(clip_low, clip_high, dual_clip)
+        _check_agg(loss_agg)
+        if kl_estimator not in ref.KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {ref.KL_ESTIMATORS}, got {kl_estimator!r}")
+        if not (math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if divergence_mode not in ("sampled", "exact"):
+            raise ValueError(f"divergence_mode must be 'sampled' or 'exact', got {divergence_mode!r}")
+        if divergence_clamp is not None and not divergence_clamp[0] < divergence_clamp[1]:
+            raise ValueError(f"divergence_clamp must be (lo, hi) with lo < hi, got {divergence_clamp}")
+        _checks.check_temperature(temperature)
+        _checks.check_impl(impl)
+        self.cfg = dict(divergence=divergence, eta=float(eta), alpha=float(alpha), clip_low=float(clip_low),
+                        clip_high=float(clip_high), dual_clip=None if dual_clip is None else float(dual_clip),
+                        kl_beta=float(kl_beta), kl_estimator=kl_estimator, entropy_coef=float(entropy_coef),
+                        loss_agg=loss_agg, temperature=float(temperature), ignore_index=ignore_index, impl=impl,
+                        divergence_clamp=None if divergence_clamp is None else tuple(map(float, divergence_clamp)),
+                        norm_length=norm_length, log_entropy=log_entropy, divergence_mode=divergence_mode)
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        """"grpo", "dapo", "rkl", "dph-f", "dph-js", "alpha" with the paper's hyper-parameters; kwargs override."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.cfg.items())
+
+    def forward(self, hidden, weight, targets, loss_mask, is_pef, *, advantages=None, old_logp=None, ref_logp=None,
+                online_ref_logp=None, bias=None, normalizer=None, ref_hidden=None, ref_weight=None, ref_bias=None):
+        cfg = self.cfg
+        B, T, tok_exp, tok_pef, tok = self._check(hidden, weight, targets, loss_mask, is_pef)
+        exact = cfg["divergence_mode"] == "exact"
+        has_exp, has_pef = bool(tok_exp.any()), bool(tok_pef.any())
+        if has_exp and advantages is None:
+            raise ValueError("advantages is required: the batch has D_exp (is_pef=False) tokens")
+        if has_exp and cfg["kl_beta"] != 0 and online_ref_logp is None:
+            raise ValueError("online_ref_logp is required when kl_beta != 0 and the batch has D_exp tokens")
+        if has_pef and cfg["divergence"] is None:
+            raise ValueError("is_pef marks rows with loss tokens but divergence=None (plain GRPO/DAPO has no D_pef)")
+        if has_pef and not exact and ref_logp is None:
+            raise ValueError("ref_logp is required: the batch has D_pef (is_pef=True) tokens")
+        if has_pef and exact and (ref_hidden is None or ref_weight is None):
+            raise ValueError("divergence_mode='exact' needs ref_hidden and ref_weight for the D_pef rows")
+
+        device = hidden.device
+        need_entropy = cfg["entropy_coef"] != 0 or cfg["log_entropy"]
+        tgt = torch.where(tok, targets, torch.full_like(targets, cfg["ignore_index"]))
+        out = linear_logprob(hidden, weight, tgt, bias=bias, temperature=cfg["temperature"],
+                             ignore_index=cfg["ignore_index"], return_entropy=need_entropy, impl=cfg["impl"])
+        logp, entropy = out if need_entropy else (out, None)
+
+        # Inputs the math reads outside their own set are replaced by log pi_theta itself (ratio 1, finite), so
+        # padding (even NaN / -inf) never reaches a value or a gradient.
+        lp0 = logp.detach()
+        old = self._pick("old_logp", old_logp, tok_exp, lp0, (B, T))
+        refl = lp0 if exact else self._pick("ref_logp", ref_logp, tok_pef, lp0, (B, T))
+        oref = self._pick("online_ref_logp", online_ref_logp, tok_exp, lp0, (B, T)) if cfg["kl_beta"] else lp0
+        adv = torch.zeros_like(lp0)
+        if advantages is not None:
+            from .losses import broadcast_advantages
+            adv = torch.where(tok_exp, broadcast_advantages(advantages, (B, T)).to(device, torch.float32), adv)
+
+        norm_exp, norm_pef = _split_normalizer(normalizer)
+        w_exp = ref.aggregation_weights(tok_exp, cfg["loss_agg"], norm_exp, cfg["norm_length"])
+        w_pef = cfg["eta"] * ref.aggregation_weights(tok_pef, cfg["loss_agg"], norm_pef, cfg["norm_length"])
+        w_tok = torch.where(tok_pef, torch.zeros_like(w_pef) if exact else w_pef, w_exp)
+
+        pef_tok_flag = tok_pef & (not exact)
+        flat = [x.reshape(-1).contiguous() for x in (logp, old, adv, refl, oref)]
+        if _checks.resolve_impl(cfg["impl"], device) == "triton":
+            contrib, ratio, flags, kl, div = _TritonTokenLoss.apply(*flat, pef_tok_flag.reshape(-1).to(torch.int8),
+                                                                    w_tok.reshape(-1).contiguous(), cfg)
+        else:
+            contrib, ratio, flags, kl, div = _torch_token_loss(*flat, pef_tok_flag.reshape(-1),
+                                                               w_tok.reshape(-1), cfg)
+        contrib, ratio, flags, kl, div = (x.reshape(B, T) for x in (contrib, ratio, flags, kl, div))
+        loss = contrib.sum()
+        if cfg["entropy_coef"] != 0:
+            loss = loss - cfg["entropy_coef"] * torch.where(w_exp != 0, w_exp * entropy, torch.zeros_like(entropy)).sum()
+        if exact and has_pef:
+            from .linear_divergence import linear_f_divergence
+            div = linear_f_divergence(hidden, weight, ref_hidden, ref_weight, kind=cfg["divergence"],
+                                      alpha=cfg["alpha"], bias=bias, ref_bias=ref_bias,
+                                      temperature=cfg["temperature"], mask=tok_pef, impl=cfg["impl"])
+            if cfg["divergence_clamp"] is not None:
+                div = torch.clamp(div, *cfg["divergence_clamp"])
+            loss = loss + torch.where(w_pef != 0, w_pef * div, torch.zeros_like(div)).sum()
+            div = div.detach()
+
+        metrics = self._metrics(loss, contrib, logp, old, ratio, flags, kl, div, entropy, tok, tok_exp, tok_pef,
+                                is_pef, w_pef, exact)
+        return DPHLossOutput(loss=loss, metrics=metrics, logp=lp0)
+
+    # ---------------------------------------------------------------------------------------------------- helpers
+    def _check(self, hidden, weight, targets, loss_mask, is_pef):
+        _checks.check_tensor("hidden", hidden, ndim=3)
+        B, T, _ = hidden.shape
+        _checks.check_tensor("targets", targets, integer=True, device=hidden.device)
+        if tuple(targets.shape) != (B, T):
+            raise ValueError(f"targets must have shape ({B}, {T}), got {tuple(targets.shape)}")
+        _checks.check_tensor("loss_mask", loss_mask, device=hidden.device)
+        if tuple(loss_mask.shape) != (B, T):
+            raise ValueError(f"loss_mask must have shape ({B}, {T}), got {tuple(loss_mask.shape)}")
+        _checks.check_tensor("is_pef", is_pef, device=hidden.device)
+        if tuple(is_pef.shape) != (B,):
+            raise ValueError(f"is_pef must have shape ({B},), got {tuple(is_pef.shape)}")
+        if is_pef.dtype != torch.bool:
+            raise TypeError(f"is_pef must be a bool tensor, got {is_pef.dtype}")
+        tok = loss_mask.bool() & (targets != self.cfg["ignore_index"])
+        tok_pef = tok & is_pef[:, None]
+        return B, T, tok & ~is_pef[:, None], tok_pef, tok
+
+    @staticmethod
+    def _pick(name, x, where, fallback, shape):
+        if x is None:
+            return fallback
+        _checks.check_tensor(name, x, device=fallback.device)
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+        return torch.where(where, x.detach().to(torch.float32), fallback)
+
+    def _metrics(self, loss, contrib, logp, old, ratio, flags, kl, div, entropy, tok, tok_exp, tok_pef, is_pef,
+                 w_pef, exact):
+        c = contrib.detach()
+        m = {
+            "loss": float(loss.detach()),
+            "loss_exp": float(torch.where(tok_exp, c, torch.zeros_like(c)).sum()),
+            "n_tokens_exp": int(tok_exp.sum()), "n_tokens_pef": int(tok_pef.sum()),
+            "n_seqs_exp": int((tok_exp.any(-1)).sum()), "n_seqs_pef": int((tok_pef.any(-1)).sum()),
+            "clipfrac_low": masked_mean((flags & 1).bool().float(), tok_exp),
+            "clipfrac_high": masked_mean((flags & 2).bool().float(), tok_exp),
+            "clipfrac_dual": masked_mean((flags & 4).bool().float(), tok_exp),
+            "ratio_mean": masked_mean(ratio, tok_exp),
+            "approx_kl": masked_mean(ref.kl_estimate(old, logp.detach(), "k3"), tok_exp),
+            "divergence_mean": masked_mean(div, tok_pef),
+            "divergence_max": masked_max(div, tok_pef),
+        }
+        # L_pef before eta, from the same weights the loss used.
+        eta = self.cfg["eta"]
+        pef_sum = float(torch.where(w_pef != 0, w_pef * div, torch.zeros_like(div)).sum())
+        m["loss_pef"] = pef_sum / eta if eta else 0.0
+        if self.cfg["kl_beta"] != 0:
+            m["kl_penalty_mean"] = masked_mean(kl, tok_exp)
+        if entropy is not None:
+            m["entropy_mean"] = masked_mean(entropy.detach(), tok)
+            m["entropy_mean_exp"] = masked_mean(entropy.detach(), tok_exp)
+        return m
