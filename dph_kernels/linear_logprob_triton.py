@@ -49,6 +49,16 @@ def _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
 
 
 @triton.jit
+def online_logsumexp(m, s, z):
+    """One step of the online log-sum-exp over a [rows, cols] tile: new max, rescaled sum, the rescale factor and
+    exp(z - new max)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    rescale = tl.exp(m - m_new)
+    e = tl.exp(z - m_new[:, None])
+    return m_new, s * rescale + tl.sum(e, axis=1), rescale, e
+
+
+@triton.jit
 def _forward_kernel(H, W, Bias, Targets, M_out, S_out, T_out, Zt_out,
                     N, V, D, v_per_split, inv_temp,
                     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
@@ -70,10 +80,7 @@ def _forward_kernel(H, W, Bias, Targets, M_out, S_out, T_out, Zt_out,
         col_mask = cols < v_end
         z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        rescale = tl.exp(m - m_new)
-        e = tl.exp(z - m_new[:, None])
-        s = s * rescale + tl.sum(e, axis=1)
+        m_new, s, rescale, e = online_logsumexp(m, s, z)
         if WITH_ENTROPY:
             t = t * rescale + tl.sum(e * tl.where(col_mask[None, :], z, 0.0), axis=1)
         z_target += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
@@ -179,14 +186,19 @@ def forward(h, weight, bias, targets, valid, inv_temp, with_entropy):
     _forward_kernel[(triton.cdiv(N, bn), splits)](
         h, weight, bias if bias is not None else h, tgt, m, s, t, zt, N, V, D, v_per_split, inv_temp,
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, UPCAST=interpreter_on(), **cfg)
-    # Merge the vocab ranges.
-    m_all = m.amax(0)
-    w = torch.exp(m - m_all)
-    s_all = (s * w).sum(0)
-    lse = m_all + torch.log(s_all)
+    lse = merge_logsumexp(m, s)
     logp = torch.where(valid, zt.sum(0) - lse, torch.zeros_like(lse))
-    S = (t * w).sum(0) / s_all if with_entropy else None
+    S = None
+    if with_entropy:  # sum_v p_v z_v = (sum of e * z) / (sum of e), both rescaled to the merged max
+        w = torch.exp(m - m.amax(0))
+        S = (t * w).sum(0) / (s * w).sum(0)
     return logp, lse, S
+
+
+def merge_logsumexp(m, s):
+    """log-sum-exp of the whole vocabulary from per-range (max, sum of exp(z - max)), each (splits, N)."""
+    m_all = m.amax(0)
+    return m_all + torch.log((s * torch.exp(m - m_all)).sum(0))
 
 
 def backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, inv_temp, need_weight_grad=True):

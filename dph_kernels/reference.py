@@ -55,10 +55,14 @@ DIVERGENCES = ("fkl", "fkl_k1", "js", "alpha", "rkl", "tv", "hellinger")
 _LN2 = math.log(2.0)
 
 
-def f_generator(log_ratio, kind, alpha=0.5):
-    """f(u) at u = exp(log_ratio), written so that |log_ratio| <= 50 gives no inf/NaN in value or gradient.
+def f_generator(log_ratio, kind, alpha=0.5, log_weight=None):
+    """w * f(u) at u = exp(log_ratio), w = exp(log_weight) (w = 1 when log_weight is None).
 
-    E_{y ~ pi_ref}[f(pi_theta(y) / pi_ref(y))] is the divergence named by `kind` (method.md's table):
+    One definition serves both estimators of D_f(pi_theta || pi_ref) = E_{y ~ pi_ref}[f(pi_theta(y) / pi_ref(y))]:
+    the sampled one (w = 1 at tokens drawn from pi_ref) and the exact one (the sum over the vocabulary with
+    w = pi_ref(v), log_ratio = log pi_theta(v) - log pi_ref(v)). Written with w u = exp(log_weight + log_ratio) so
+    the exact sum never overflows (w u = pi_theta(v) <= 1), and the sampled form is finite (value and gradient)
+    for |log_ratio| <= 50 in float32. Kinds (method.md's table):
       fkl        u - 1 - log u                       KL(pi_ref || pi_theta), with the zero-mean control variate u - 1
       fkl_k1     -log u                              KL(pi_ref || pi_theta), plain
       js         1/2 [u log u - (u+1) log((u+1)/2)]  JS(pi_theta, pi_ref) (the released code optimises 2 x this)
@@ -68,24 +72,39 @@ def f_generator(log_ratio, kind, alpha=0.5):
       hellinger  (sqrt(u) - 1)^2                     squared Hellinger
     """
     r = log_ratio
+    lw = torch.zeros_like(r) if log_weight is None else log_weight
+    w = torch.exp(lw)
+    wu = torch.exp(lw + r)
+    softplus = torch.nn.functional.softplus
     if kind == "fkl":
-        return torch.expm1(r) - r
+        return wu - w - w * r
     if kind == "fkl_k1":
-        return -r
+        return -w * r
     if kind == "js":
         # u log u - (u+1) log((u+1)/2) = u (ln2 - softplus(-r)) - (softplus(r) - ln2): no cancellation of huge terms
-        u = torch.exp(r)
-        return 0.5 * (u * (_LN2 - torch.nn.functional.softplus(-r)) - (torch.nn.functional.softplus(r) - _LN2))
+        return 0.5 * (wu * (_LN2 - softplus(-r)) - w * (softplus(r) - _LN2))
     if kind == "alpha":
         a = alpha
-        return (torch.exp((1 - a) * r) - (1 - a) * torch.exp(r) - a) / (a * (a - 1))
+        return (torch.exp(lw + (1 - a) * r) - (1 - a) * wu - a * w) / (a * (a - 1))
     if kind == "rkl":
-        return torch.exp(r) * (r - 1) + 1
+        return wu * (r - 1) + w
     if kind == "tv":
-        return 0.5 * torch.expm1(r).abs()
+        return 0.5 * (wu - w).abs()
     if kind == "hellinger":
-        return torch.expm1(0.5 * r) ** 2
+        return (torch.exp(0.5 * (lw + r)) - torch.exp(0.5 * lw)) ** 2
     raise ValueError(f"kind must be one of {DIVERGENCES}, got {kind!r}")
+
+
+def linear_f_divergence(hidden, weight, ref_hidden, ref_weight, kind="fkl", alpha=0.5, bias=None, ref_bias=None,
+                        temperature=1.0, mask=None):
+    """Exact D_f(pi_theta || pi_ref) = sum_v pi_ref(v) f(pi_theta(v) / pi_ref(v)) per position, materializing both
+    [N, V] logits."""
+    log_p = torch.log_softmax(scaled_logits(hidden, weight, bias, temperature), -1)
+    log_q = torch.log_softmax(scaled_logits(ref_hidden, ref_weight, ref_bias, temperature), -1)
+    div = f_generator(log_p - log_q, kind, alpha, log_weight=log_q).sum(-1)
+    if mask is not None:
+        div = torch.where(mask, div, torch.zeros_like(div))
+    return div
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Triton form of the per-token RL math (reference.py holds the torch form; the tests hold them equal).
 
-* `f_and_grad(r, KIND, alpha)`: an f-divergence generator f(u) and u f'(u) = d f / d log u at u = exp(r). Shared
+* `f_and_grad(r, lw, KIND, alpha)`: an f-divergence generator w f(u) and w u f'(u) = d (w f) / d log u at
+  u = exp(r), w = exp(lw) (w = 1 for sampled tokens, pi_ref(v) for the exact sum). Shared
   by the elementwise token-loss kernel below and by the exact whole-vocabulary divergence kernel.
 * `_token_loss_kernel`: one pass over the tokens of a hybrid batch. For each token it evaluates the PPO-clip loss
   (+ a reverse-KL penalty) on exploration tokens or the generator on near-perfect tokens, multiplies by the token's
@@ -26,33 +27,36 @@ def _softplus(x):
 
 
 @triton.jit
-def f_and_grad(r, KIND: tl.constexpr, alpha):
-    """(f(u), u f'(u)) at u = exp(r); KIND indexes reference.DIVERGENCES."""
-    u = tl.exp(r)
+def f_and_grad(r, lw, KIND: tl.constexpr, alpha):
+    """(w f(u), w u f'(u)) at u = exp(r), w = exp(lw); KIND indexes reference.DIVERGENCES (reference.f_generator
+    is the same math in torch; w u f'(u) is its derivative with respect to r)."""
+    w = tl.exp(lw)
+    wu = tl.exp(lw + r)
     if KIND == 0:  # fkl: u - 1 - log u
-        f = u - 1.0 - r
-        d = u - 1.0
+        f = wu - w - w * r
+        d = wu - w
     elif KIND == 1:  # fkl_k1: -log u
-        f = -r
-        d = tl.full(r.shape, -1.0, tl.float32)
+        f = -w * r
+        d = -w
     elif KIND == 2:  # js: 1/2 [u (ln2 - softplus(-r)) - (softplus(r) - ln2)]
         a = LN2 - _softplus(-r)
-        f = 0.5 * (u * a - (_softplus(r) - LN2))
-        d = 0.5 * u * a
+        f = 0.5 * (wu * a - w * (_softplus(r) - LN2))
+        d = 0.5 * wu * a
     elif KIND == 3:  # alpha: (u^(1-a) - (1-a) u - a) / (a (a - 1))
-        ua = tl.exp((1.0 - alpha) * r)
-        f = (ua - (1.0 - alpha) * u - alpha) / (alpha * (alpha - 1.0))
-        d = (u - ua) / alpha
+        wua = tl.exp(lw + (1.0 - alpha) * r)
+        f = (wua - (1.0 - alpha) * wu - alpha * w) / (alpha * (alpha - 1.0))
+        d = (wu - wua) / alpha
     elif KIND == 4:  # rkl: u log u - u + 1
-        f = u * (r - 1.0) + 1.0
-        d = u * r
+        f = wu * (r - 1.0) + w
+        d = wu * r
     elif KIND == 5:  # tv: |u - 1| / 2
-        f = 0.5 * tl.abs(u - 1.0)
-        d = tl.where(u > 1.0, 0.5 * u, tl.where(u < 1.0, -0.5 * u, 0.0))
+        f = 0.5 * tl.abs(wu - w)
+        d = tl.where(r > 0.0, 0.5 * wu, tl.where(r < 0.0, -0.5 * wu, 0.0))
     else:  # hellinger: (sqrt(u) - 1)^2
-        s = tl.exp(0.5 * r)
-        f = (s - 1.0) * (s - 1.0)
-        d = s * (s - 1.0)
+        s = tl.exp(0.5 * (lw + r))
+        t = tl.exp(0.5 * lw)
+        f = (s - t) * (s - t)
+        d = s * (s - t)
     return f, d
 
 
@@ -117,7 +121,7 @@ def _token_loss_kernel(Logp, Old, Adv, Ref, ORef, IsPef, Wt, Contrib, DLogp, Rat
     g = tl.zeros_like(lp)
     d_g = tl.zeros_like(lp)
     if HAS_DIV:
-        g, d_g = f_and_grad(lp - tl.load(Ref + offs, mask=msk, other=0.0), KIND, alpha)
+        g, d_g = f_and_grad(lp - tl.load(Ref + offs, mask=msk, other=0.0), tl.zeros_like(lp), KIND, alpha)
         if HAS_CLAMP:
             d_g = tl.where((g >= clamp_lo) & (g <= clamp_hi), d_g, 0.0)
             g = tl.minimum(tl.maximum(g, clamp_lo), clamp_hi)

@@ -1,0 +1,206 @@
+"""Triton kernels for the exact whole-vocabulary f-divergence (math in linear_divergence.py's docstring).
+
+Forward, two streaming passes over vocab tiles (each tile = two tl.dot logit tiles, policy and reference):
+  1. both log-sum-exps, online (max / sum-exp), split over vocab ranges and merged in torch;
+  2. D = sum_v q_v f(u_v) and C = sum_v q_v u_v f'(u_v), which backward needs.
+Why two passes for every kind: the KL forms could fold into pass 1 (sum q (z_r - z) online), but JS, alpha, TV and
+Hellinger need both normalizers before the first term, so one code path serves all kinds; the extra pass costs two
+more logit tiles per vocab block (unmeasured on GPU yet: the GPU script times it).
+Backward: one program per (row block, vocab block) tile recomputes both logit tiles, forms dz = phi - p C (and the
+reference-side gradient when asked) and adds into fp32 dh / dW with atomics, as linear_logprob's backward does.
+Saved state is O(N): the two lse's, D and C.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import interpreter_on
+from .linear_logprob_triton import _config, _logit_tile, _vocab_splits, merge_logsumexp, online_logsumexp
+from .token_loss_triton import KIND_IDS, f_and_grad
+
+
+@triton.jit
+def _lse2_kernel(H, W, Bias, Hr, Wr, BiasR, M, S, Mr, Sr, N, V, D, Dr, v_per_split, inv_temp,
+                 HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    mr = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    sr = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_start = split * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+        m, s, _, _ = online_logsumexp(m, s, z)
+        zr = _logit_tile(Hr, Wr, BiasR, rows, cols, row_mask, col_mask, Dr, inv_temp,
+                         HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+        mr, sr, _, _ = online_logsumexp(mr, sr, zr)
+    out = split.to(tl.int64) * N + rows
+    tl.store(M + out, m, mask=row_mask)
+    tl.store(S + out, s, mask=row_mask)
+    tl.store(Mr + out, mr, mask=row_mask)
+    tl.store(Sr + out, sr, mask=row_mask)
+
+
+@triton.jit
+def _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, col_mask, lse, lse_r, D, Dr, inv_temp, alpha,
+                KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """For one tile: p, q f(u), q u f'(u), q (zeros on padded columns)."""
+    z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+    zr = _logit_tile(Hr, Wr, BiasR, rows, cols, row_mask, col_mask, Dr, inv_temp,
+                     HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+    live = col_mask[None, :]
+    # Padded columns: weight q = 0 and ratio 1, which every generator maps to 0.
+    log_p = tl.where(live, z - lse[:, None], 0.0)
+    log_q = tl.where(live, zr - lse_r[:, None], 0.0)
+    lw = tl.where(live, log_q, float("-inf"))
+    f, phi = f_and_grad(log_p - log_q, lw, KIND, alpha)
+    p = tl.where(live, tl.exp(log_p), 0.0)
+    return p, tl.where(live, f, 0.0), tl.where(live, phi, 0.0), tl.exp(lw)
+
+
+@triton.jit
+def _div_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Dout, Cout, N, V, D, Dr, v_per_split, inv_temp, alpha,
+                KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
+    lse_r = tl.load(LseR + rows, mask=row_mask, other=0.0)
+    acc_d = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_c = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_start = split * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        p, f, phi, q = _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, cols < v_end, lse, lse_r, D, Dr,
+                                   inv_temp, alpha, KIND, HAS_BIAS, HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+        acc_d += tl.sum(f, axis=1)
+        acc_c += tl.sum(phi, axis=1)
+    out = split.to(tl.int64) * N + rows
+    tl.store(Dout + out, acc_d, mask=row_mask)
+    tl.store(Cout + out, acc_c, mask=row_mask)
+
+
+@triton.jit
+def _scatter_grads(dz, X, Wt, dX, dWt, rows, cols, row_mask, col_mask, valid, Dx,
+                   BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """dX[rows] += dz @ Wt[cols];  dWt[cols] += dz.T @ X[rows]  (fp32 atomics)."""
+    if UPCAST:
+        dz_op = dz
+    else:
+        dz_op = dz.to(X.dtype.element_ty)
+    for d0 in range(0, Dx, BLOCK_D):
+        dk = d0 + tl.arange(0, BLOCK_D)
+        d_mask = dk < Dx
+        w = tl.load(Wt + cols.to(tl.int64)[:, None] * Dx + dk[None, :], mask=col_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+        x = tl.load(X + rows.to(tl.int64)[:, None] * Dx + dk[None, :],
+                    mask=(row_mask & valid)[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:
+            w = w.to(tl.float32)
+            x = x.to(tl.float32)
+        tl.atomic_add(dX + rows.to(tl.int64)[:, None] * Dx + dk[None, :], tl.dot(dz_op, w),
+                      mask=row_mask[:, None] & d_mask[None, :])
+        tl.atomic_add(dWt + cols.to(tl.int64)[:, None] * Dx + dk[None, :], tl.dot(tl.trans(dz_op), x),
+                      mask=col_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _div_backward_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Div, C, G, Valid, dH, dW, dB, dHr, dWr, dBr,
+                         N, V, D, Dr, inv_temp, alpha,
+                         KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr, NEED_REF: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+                         UPCAST: tl.constexpr):
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    v_blocks = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP * v_blocks
+    first_n = (pid // per_group) * GROUP
+    group_size = tl.minimum(n_blocks - first_n, GROUP)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
+    lse_r = tl.load(LseR + rows, mask=row_mask, other=0.0)
+    p, f, phi, q = _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, col_mask, lse, lse_r, D, Dr,
+                               inv_temp, alpha, KIND, HAS_BIAS, HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+    c = tl.load(C + rows, mask=row_mask, other=0.0)
+    g = tl.load(G + rows, mask=row_mask, other=0.0)
+    valid = tl.load(Valid + rows, mask=row_mask, other=0) != 0
+    keep = (valid & row_mask)[:, None] & col_mask[None, :]
+    dz = tl.where(keep, g[:, None] * (phi - p * c[:, None]) * inv_temp, 0.0)
+    if HAS_BIAS:
+        tl.atomic_add(dB + cols, tl.sum(dz, axis=0), mask=col_mask)
+    _scatter_grads(dz, H, W, dH, dW, rows, cols, row_mask, col_mask, valid, D, BLOCK_D, UPCAST)
+    if NEED_REF:
+        dv = tl.load(Div + rows, mask=row_mask, other=0.0)
+        dzr = tl.where(keep, g[:, None] * (f - phi - q * (dv - c)[:, None]) * inv_temp, 0.0)
+        if HAS_RBIAS:
+            tl.atomic_add(dBr + cols, tl.sum(dzr, axis=0), mask=col_mask)
+        _scatter_grads(dzr, Hr, Wr, dHr, dWr, rows, cols, row_mask, col_mask, valid, Dr, BLOCK_D, UPCAST)
+
+
+def forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha):
+    N, D = h.shape
+    Dr, V = rh.shape[1], weight.shape[0]
+    cfg = _config(N, V, max(D, Dr))
+    bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    splits = _vocab_splits(N, V, bn, bv, h.device)
+    v_per_split = triton.cdiv(triton.cdiv(V, splits), bv) * bv
+    splits = triton.cdiv(V, v_per_split)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    m, s, mr, sr = (torch.empty(splits, N, **f32) for _ in range(4))
+    common = dict(HAS_BIAS=bias is not None, HAS_RBIAS=rbias is not None, UPCAST=interpreter_on(), **cfg)
+    b_arg, rb_arg = bias if bias is not None else h, rbias if rbias is not None else rh
+    grid = (triton.cdiv(N, bn), splits)
+    _lse2_kernel[grid](h, weight, b_arg, rh, rweight, rb_arg, m, s, mr, sr, N, V, D, Dr, v_per_split, inv_temp,
+                       **common)
+    lse, lse_r = merge_logsumexp(m, s), merge_logsumexp(mr, sr)
+    d_part, c_part = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
+    _div_kernel[grid](h, weight, b_arg, rh, rweight, rb_arg, lse, lse_r, d_part, c_part, N, V, D, Dr, v_per_split,
+                      inv_temp, alpha, KIND=KIND_IDS[kind], **common)
+    div = torch.where(valid, d_part.sum(0), torch.zeros_like(lse))
+    return div, (lse, lse_r, c_part.sum(0))
+
+
+def backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, inv_temp, kind, alpha, need_ref):
+    lse, lse_r, c = stats
+    N, D = h.shape
+    Dr, V = rh.shape[1], weight.shape[0]
+    cfg = _config(N, V, max(D, Dr))
+    f32 = dict(dtype=torch.float32, device=h.device)
+    g = torch.where(valid, g.float(), torch.zeros((), **f32)).contiguous()
+    dh, dW = torch.zeros(N, D, **f32), torch.zeros(V, D, **f32)
+    db = torch.zeros(V, **f32) if bias is not None else dh
+    if need_ref:
+        drh, drW = torch.zeros(N, Dr, **f32), torch.zeros(V, Dr, **f32)
+        drb = torch.zeros(V, **f32) if rbias is not None else drh
+    else:
+        drh = drW = drb = dh
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
+    _div_backward_kernel[grid](
+        h, weight, bias if bias is not None else h, rh, rweight, rbias if rbias is not None else rh,
+        lse, lse_r, div, c, g, valid.to(torch.int8), dh, dW, db, drh, drW, drb, N, V, D, Dr, inv_temp, alpha,
+        KIND=KIND_IDS[kind], HAS_BIAS=bias is not None, HAS_RBIAS=rbias is not None, NEED_REF=need_ref, GROUP=8,
+        UPCAST=interpreter_on(), **cfg)
+    out = [dh.to(h.dtype), dW.to(weight.dtype), db.to(bias.dtype) if bias is not None else None]
+    if need_ref:
+        out += [drh.to(rh.dtype), drW.to(rweight.dtype), drb.to(rbias.dtype) if rbias is not None else None]
+    else:
+        out += [None, None, None]
+    return out

@@ -1,0 +1,138 @@
+"""Exact whole-vocabulary f-divergences between two linear heads."""
+import math
+
+import pytest
+import torch
+
+import dph_kernels as dk
+from dph_kernels import reference as ref
+from numerics import assert_contract, run_with_grads
+
+KINDS = list(dk.DIVERGENCES)
+
+
+def make_heads(lead=(3, 7), D=40, Dr=29, V=301, dtype=torch.float32, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*lead, D, generator=g)
+    w = torch.randn(V, D, generator=g) / math.sqrt(D) * 2
+    rh = torch.randn(*lead, Dr, generator=g)
+    rw = torch.randn(V, Dr, generator=g) / math.sqrt(Dr) * 2
+    b = torch.randn(V, generator=g) * 0.5 if bias else None
+    rb = torch.randn(V, generator=g) * 0.5 if bias else None
+    mask = torch.rand(lead, generator=g) > 0.2
+    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+    return [cast(x) for x in (h, w, b, rh, rw, rb)], mask
+
+
+def check(kind, impl, dtype=torch.float32, ref_grad=False, seed=0, temperature=0.9):
+    (h, w, b, rh, rw, rb), mask = make_heads(dtype=dtype, seed=seed)
+    upstream = [torch.randn(mask.shape, generator=torch.Generator().manual_seed(seed + 1))]
+
+    def kernel(h_, w_, b_, rh_, rw_, rb_):
+        return dk.linear_f_divergence(h_, w_, rh_, rw_, kind=kind, alpha=0.35, bias=b_, ref_bias=rb_,
+                                      temperature=temperature, mask=mask, ref_requires_grad=ref_grad, impl=impl)
+
+    def math_(h_, w_, b_, rh_, rw_, rb_):
+        if not ref_grad:
+            rh_, rw_, rb_ = rh_.detach(), rw_.detach(), rb_.detach()
+        return ref.linear_f_divergence(h_, w_, rh_, rw_, kind, 0.35, b_, rb_, temperature, mask)
+
+    inputs = [h, w, b, rh, rw, rb]
+    k_out, k_g = run_with_grads(kernel, inputs, upstream)
+    s_out, s_g = run_with_grads(math_, inputs, upstream)
+    t_out, t_g = run_with_grads(math_, [x.double() for x in inputs], upstream)
+    assert k_out[0].dtype == torch.float32 and k_out[0].shape == mask.shape
+    assert_contract(f"{impl} {kind} D", k_out[0], s_out[0], t_out[0], dtype)
+    names = ["dh", "dW", "db", "d_ref_h", "d_ref_W", "d_ref_b"]
+    for name, k, s, t in list(zip(names, k_g, s_g, t_g))[: 6 if ref_grad else 3]:
+        assert_contract(f"{impl} {kind} {name}", k, s, t, dtype)
+    if not ref_grad:
+        assert all(float(x.abs().max()) == 0 for x in k_g[3:])
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_values_and_gradients(kind, impl):
+    check(kind, impl, seed=KINDS.index(kind))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["fkl", "js", "hellinger"])
+def test_reference_side_gradients(kind, impl):
+    check(kind, impl, ref_grad=True, seed=20, temperature=1.0)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_bf16(impl):
+    check("js", impl, dtype=torch.bfloat16, seed=30)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_identities(impl):
+    (h, w, b, rh, rw, rb), _ = make_heads(Dr=40, seed=5)
+    for kind in KINDS:
+        same = dk.linear_f_divergence(h, w, h, w, kind=kind, bias=b, ref_bias=b, impl=impl)
+        assert float(same.abs().max()) < 1e-5, kind
+        d = dk.linear_f_divergence(h, w, rh, rw, kind=kind, bias=b, ref_bias=rb, impl=impl)
+        assert (d >= -1e-6).all(), kind
+    js = dk.linear_f_divergence(h, w * 20, rh, rw * 20, kind="js", impl=impl)  # nearly disjoint, peaked heads
+    assert (js <= math.log(2) + 1e-5).all() and float(js.max()) > 0.5
+    fkl = dk.linear_f_divergence(h, w, rh, rw, kind="fkl", impl=impl)
+    rkl_swapped = dk.linear_f_divergence(rh, rw, h, w, kind="rkl", impl=impl)
+    assert torch.allclose(fkl, rkl_swapped, atol=1e-5)
+    k1 = dk.linear_f_divergence(h, w, rh, rw, kind="fkl_k1", impl=impl)
+    assert torch.allclose(fkl, k1, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampled_estimator_converges_to_exact(kind):
+    (h, w, _, rh, rw, _), _ = make_heads(lead=(4,), V=53, seed=8, bias=False)
+    exact = dk.linear_f_divergence(h.double(), w.double(), rh.double(), rw.double(), kind=kind, alpha=0.35,
+                                   impl="torch")
+    log_p = torch.log_softmax(h.double() @ w.double().T, -1)
+    log_q = torch.log_softmax(rh.double() @ rw.double().T, -1)
+    M = 100_000
+    torch.manual_seed(1)
+    y = torch.multinomial(log_q.exp(), M, replacement=True)  # (4, M) samples from pi_ref
+    g = dk.f_divergence(log_p.gather(1, y) - log_q.gather(1, y), kind, alpha=0.35)
+    est, sem = g.mean(1), g.std(1) / math.sqrt(M)
+    assert torch.all((est - exact).abs() < 5 * sem + 1e-9), (kind, est, exact, sem)
+
+
+def test_fused_exact_mode_matches_composition():
+    (h, w, _, rh, rw, _), _ = make_heads(lead=(4, 6), Dr=40, seed=12, bias=False)
+    g = torch.Generator().manual_seed(3)
+    targets = torch.randint(0, w.shape[0], (4, 6), generator=g)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    is_pef = torch.tensor([True, False, True, False])
+    adv = torch.randn(4, generator=g)
+    for impl in ["torch", "triton"]:
+        fn = dk.FusedLinearDPHLoss(divergence="js", eta=0.5, divergence_mode="exact", impl=impl)
+        hh = h.clone().requires_grad_()
+        out = fn(hh, w, targets, mask, is_pef, advantages=adv, ref_hidden=rh, ref_weight=rw)
+        out.loss.backward()
+        h64 = h.double().requires_grad_()
+        lp = ref.linear_logprob(h64, w.double(), targets)
+        exp_rows = ~is_pef
+        L_exp = -(adv.double()[exp_rows, None] * torch.ones_like(lp[exp_rows])).mul(
+            torch.exp(lp[exp_rows] - lp[exp_rows].detach())).mean()
+        div = ref.linear_f_divergence(h64, w.double(), rh.double(), rw.double(), "js")
+        L = L_exp + 0.5 * div[is_pef].mean()
+        L.backward()
+        assert abs(float(out.loss) - float(L)) < 1e-5
+        assert float((hh.grad.double() - h64.grad).abs().max()) < 1e-5
+        assert out.metrics["divergence_mean"] == pytest.approx(float(div[is_pef].mean()), rel=1e-4)
+
+
+def test_errors():
+    (h, w, b, rh, rw, rb), _ = make_heads()
+    with pytest.raises(ValueError, match="ref_weight"):
+        dk.linear_f_divergence(h, w, rh, rw[:-1])
+    with pytest.raises(ValueError, match="ref_hidden"):
+        dk.linear_f_divergence(h, w, rh[:2], rw)
+    with pytest.raises(ValueError, match="mask"):
+        dk.linear_f_divergence(h, w, rh, rw, mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="kind"):
+        dk.linear_f_divergence(h, w, rh, rw, kind="kl")
+    with pytest.raises(ValueError, match="ref_weight"):
+        dk.linear_f_divergence(h, w, rh, rw[:, :5])
