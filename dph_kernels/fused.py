@@ -81,9 +81,14 @@ def _torch_token_loss(logp, old, adv, ref_logp, online_ref, is_pef_tok, weights,
         if cfg["divergence_clamp"] is not None:
             div = torch.clamp(div, *cfg["divergence_clamp"])
     loss = torch.where(is_pef_tok, div, loss_exp)
-    contrib = torch.where(weights != 0, weights * loss, torch.zeros_like(loss))
+    contrib = torch.where(weights != 0, weights * loss, torch.zeros_like(loss))  # a masked NaN never leaks in
     flags = lo.to(torch.int8) + 2 * hi.to(torch.int8) + 4 * dual.to(torch.int8)
     return contrib, ratio.detach(), flags, kl.detach(), div.detach()
+
+
+def _weighted_sum(w, x):
+    """sum(w * x) over the entries with w != 0 (so a NaN / inf where w == 0 never reaches the sum)."""
+    return torch.where(w != 0, w * x, torch.zeros_like(x)).sum()
 
 
 def _split_normalizer(normalizer):
@@ -207,7 +212,7 @@ class FusedLinearDPHLoss(torch.nn.Module):
         contrib, ratio, flags, kl, div = (x.reshape(B, T) for x in (contrib, ratio, flags, kl, div))
         loss = contrib.sum()
         if cfg["entropy_coef"] != 0:
-            loss = loss - cfg["entropy_coef"] * torch.where(w_exp != 0, w_exp * entropy, torch.zeros_like(entropy)).sum()
+            loss = loss - cfg["entropy_coef"] * _weighted_sum(w_exp, entropy)
         if exact and has_pef:
             from .linear_divergence import linear_f_divergence
             div = linear_f_divergence(hidden, weight, ref_hidden, ref_weight, kind=cfg["divergence"],
@@ -215,7 +220,7 @@ class FusedLinearDPHLoss(torch.nn.Module):
                                       temperature=cfg["temperature"], mask=tok_pef, impl=cfg["impl"])
             if cfg["divergence_clamp"] is not None:
                 div = torch.clamp(div, *cfg["divergence_clamp"])
-            loss = loss + torch.where(w_pef != 0, w_pef * div, torch.zeros_like(div)).sum()
+            loss = loss + _weighted_sum(w_pef, div)
             div = div.detach()
 
         metrics = self._metrics(loss, contrib, logp, old, ratio, flags, kl, div, entropy, tok, tok_exp, tok_pef,
@@ -268,7 +273,7 @@ class FusedLinearDPHLoss(torch.nn.Module):
         }
         # L_pef before eta, from the same weights the loss used.
         eta = self.cfg["eta"]
-        pef_sum = float(torch.where(w_pef != 0, w_pef * div, torch.zeros_like(div)).sum())
+        pef_sum = float(_weighted_sum(w_pef, div))
         m["loss_pef"] = pef_sum / eta if eta else 0.0
         if self.cfg["kl_beta"] != 0:
             m["kl_penalty_mean"] = masked_mean(kl, tok_exp)

@@ -1,6 +1,6 @@
 """Exact f-divergence over the whole vocabulary between two linear heads, without [tokens x vocab] buffers.
 
-    D_f(pi_theta || pi_ref)(t) = sum_v q_v f(p_v / q_v),   p = softmax(h W^T + b) / T,   q = softmax(h_r W_r^T + b_r) / T
+    D_f(pi_theta || pi_ref)(t) = sum_v q_v f(p_v / q_v),  p = softmax((h W^T + b) / T),  q = softmax((h_r W_r^T + b_r) / T)
 
 With r_v = log p_v - log q_v and phi_v = q_v u_v f'(u_v) (reference.f_generator's derivative in r, weighted by q):
     dD/dz_v   = phi_v - p_v C,                  C = sum_v phi_v

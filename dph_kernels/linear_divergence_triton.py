@@ -17,14 +17,16 @@ import triton
 import triton.language as tl
 
 from ._checks import interpreter_on
-from .linear_logprob_triton import _config, _logit_tile, _vocab_splits, merge_logsumexp, online_logsumexp
+from .linear_logprob_triton import (_config, _logit_tile, _vocab_splits, dot_precision, merge_logsumexp,
+                                    online_logsumexp)
 from .token_loss_triton import KIND_IDS, f_and_grad
 
 
 @triton.jit
 def _lse2_kernel(H, W, Bias, Hr, Wr, BiasR, M, S, Mr, Sr, N, V, D, Dr, v_per_split, inv_temp,
                  HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -38,10 +40,10 @@ def _lse2_kernel(H, W, Bias, Hr, Wr, BiasR, M, S, Mr, Sr, N, V, D, Dr, v_per_spl
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
         z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
-                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
         m, s, _, _ = online_logsumexp(m, s, z)
         zr = _logit_tile(Hr, Wr, BiasR, rows, cols, row_mask, col_mask, Dr, inv_temp,
-                         HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+                         HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
         mr, sr, _, _ = online_logsumexp(mr, sr, zr)
     out = split.to(tl.int64) * N + rows
     tl.store(M + out, m, mask=row_mask)
@@ -53,12 +55,13 @@ def _lse2_kernel(H, W, Bias, Hr, Wr, BiasR, M, S, Mr, Sr, N, V, D, Dr, v_per_spl
 @triton.jit
 def _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, col_mask, lse, lse_r, D, Dr, inv_temp, alpha,
                 KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """For one tile: p, q f(u), q u f'(u), q (zeros on padded columns)."""
     z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
-                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
     zr = _logit_tile(Hr, Wr, BiasR, rows, cols, row_mask, col_mask, Dr, inv_temp,
-                     HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+                     HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
     live = col_mask[None, :]
     # Padded columns: weight q = 0 and ratio 1, which every generator maps to 0.
     log_p = tl.where(live, z - lse[:, None], 0.0)
@@ -72,7 +75,8 @@ def _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, col_mask, lse, 
 @triton.jit
 def _div_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Dout, Cout, N, V, D, Dr, v_per_split, inv_temp, alpha,
                 KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -85,7 +89,8 @@ def _div_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Dout, Cout, N, V, D, Dr, v
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         p, f, phi, q = _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, cols < v_end, lse, lse_r, D, Dr,
-                                   inv_temp, alpha, KIND, HAS_BIAS, HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+                                   inv_temp, alpha, KIND, HAS_BIAS, HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
+                                   DOT_PRECISION)
         acc_d += tl.sum(f, axis=1)
         acc_c += tl.sum(phi, axis=1)
     out = split.to(tl.int64) * N + rows
@@ -95,7 +100,7 @@ def _div_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Dout, Cout, N, V, D, Dr, v
 
 @triton.jit
 def _scatter_grads(dz, X, Wt, dX, dWt, rows, cols, row_mask, col_mask, valid, Dx,
-                   BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+                   BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dX[rows] += dz @ Wt[cols];  dWt[cols] += dz.T @ X[rows]  (fp32 atomics)."""
     if UPCAST:
         dz_op = dz
@@ -111,9 +116,10 @@ def _scatter_grads(dz, X, Wt, dX, dWt, rows, cols, row_mask, col_mask, valid, Dx
         if UPCAST:
             w = w.to(tl.float32)
             x = x.to(tl.float32)
-        tl.atomic_add(dX + rows.to(tl.int64)[:, None] * Dx + dk[None, :], tl.dot(dz_op, w),
-                      mask=row_mask[:, None] & d_mask[None, :])
-        tl.atomic_add(dWt + cols.to(tl.int64)[:, None] * Dx + dk[None, :], tl.dot(tl.trans(dz_op), x),
+        tl.atomic_add(dX + rows.to(tl.int64)[:, None] * Dx + dk[None, :],
+                      tl.dot(dz_op, w, input_precision=DOT_PRECISION), mask=row_mask[:, None] & d_mask[None, :])
+        tl.atomic_add(dWt + cols.to(tl.int64)[:, None] * Dx + dk[None, :],
+                      tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION),
                       mask=col_mask[:, None] & d_mask[None, :])
 
 
@@ -122,7 +128,7 @@ def _div_backward_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Div, C, G, Valid,
                          N, V, D, Dr, inv_temp, alpha,
                          KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr, NEED_REF: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-                         UPCAST: tl.constexpr):
+                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
     v_blocks = tl.cdiv(V, BLOCK_V)
@@ -138,7 +144,8 @@ def _div_backward_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Div, C, G, Valid,
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
     lse_r = tl.load(LseR + rows, mask=row_mask, other=0.0)
     p, f, phi, q = _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, col_mask, lse, lse_r, D, Dr,
-                               inv_temp, alpha, KIND, HAS_BIAS, HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+                               inv_temp, alpha, KIND, HAS_BIAS, HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
+                                   DOT_PRECISION)
     c = tl.load(C + rows, mask=row_mask, other=0.0)
     g = tl.load(G + rows, mask=row_mask, other=0.0)
     valid = tl.load(Valid + rows, mask=row_mask, other=0) != 0
@@ -146,13 +153,13 @@ def _div_backward_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Div, C, G, Valid,
     dz = tl.where(keep, g[:, None] * (phi - p * c[:, None]) * inv_temp, 0.0)
     if HAS_BIAS:
         tl.atomic_add(dB + cols, tl.sum(dz, axis=0), mask=col_mask)
-    _scatter_grads(dz, H, W, dH, dW, rows, cols, row_mask, col_mask, valid, D, BLOCK_D, UPCAST)
+    _scatter_grads(dz, H, W, dH, dW, rows, cols, row_mask, col_mask, valid, D, BLOCK_D, UPCAST, DOT_PRECISION)
     if NEED_REF:
         dv = tl.load(Div + rows, mask=row_mask, other=0.0)
         dzr = tl.where(keep, g[:, None] * (f - phi - q * (dv - c)[:, None]) * inv_temp, 0.0)
         if HAS_RBIAS:
             tl.atomic_add(dBr + cols, tl.sum(dzr, axis=0), mask=col_mask)
-        _scatter_grads(dzr, Hr, Wr, dHr, dWr, rows, cols, row_mask, col_mask, valid, Dr, BLOCK_D, UPCAST)
+        _scatter_grads(dzr, Hr, Wr, dHr, dWr, rows, cols, row_mask, col_mask, valid, Dr, BLOCK_D, UPCAST, DOT_PRECISION)
 
 
 def forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha):
@@ -165,7 +172,8 @@ def forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha):
     splits = triton.cdiv(V, v_per_split)
     f32 = dict(dtype=torch.float32, device=h.device)
     m, s, mr, sr = (torch.empty(splits, N, **f32) for _ in range(4))
-    common = dict(HAS_BIAS=bias is not None, HAS_RBIAS=rbias is not None, UPCAST=interpreter_on(), **cfg)
+    common = dict(HAS_BIAS=bias is not None, HAS_RBIAS=rbias is not None, UPCAST=interpreter_on(),
+                  DOT_PRECISION=dot_precision(h), **cfg)
     b_arg, rb_arg = bias if bias is not None else h, rbias if rbias is not None else rh
     grid = (triton.cdiv(N, bn), splits)
     _lse2_kernel[grid](h, weight, b_arg, rh, rweight, rb_arg, m, s, mr, sr, N, V, D, Dr, v_per_split, inv_temp,
@@ -197,7 +205,7 @@ def backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, inv_temp
         h, weight, bias if bias is not None else h, rh, rweight, rbias if rbias is not None else rh,
         lse, lse_r, div, c, g, valid.to(torch.int8), dh, dW, db, drh, drW, drb, N, V, D, Dr, inv_temp, alpha,
         KIND=KIND_IDS[kind], HAS_BIAS=bias is not None, HAS_RBIAS=rbias is not None, NEED_REF=need_ref, GROUP=8,
-        UPCAST=interpreter_on(), **cfg)
+        UPCAST=interpreter_on(), DOT_PRECISION=dot_precision(h), **cfg)
     out = [dh.to(h.dtype), dW.to(weight.dtype), db.to(bias.dtype) if bias is not None else None]
     if need_ref:
         out += [drh.to(rh.dtype), drW.to(rweight.dtype), drb.to(rbias.dtype) if rbias is not None else None]

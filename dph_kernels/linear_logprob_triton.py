@@ -13,7 +13,8 @@ the fp32 accumulators. No gradient filtering (CCE-style skipping of tiles with t
 approximation, and the contract asks for exact gradients.
 
 Interpreter (TRITON_INTERPRET=1): bf16/fp16 tl.dot and arithmetic are wrong there, so UPCAST (on only in the
-interpreter) casts loaded tiles to fp32 first.
+interpreter) casts loaded tiles to fp32 first. fp32 tiles multiply in full fp32 (DOT_PRECISION="ieee"): tl.dot would
+use TF32 otherwise, which misses the fp32 numerics contract.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from ._checks import interpreter_on
 @triton.jit
 def _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr):
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """z[rows, cols] = (h @ W.T + b) * inv_temp, fp32; columns past V are -inf."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     h_base = H + rows.to(tl.int64)[:, None] * D
@@ -40,7 +41,7 @@ def _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
         if UPCAST:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(h, tl.trans(w), acc)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         b = tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)
         acc = acc + b[None, :]
@@ -62,7 +63,8 @@ def online_logsumexp(m, s, z):
 def _forward_kernel(H, W, Bias, Targets, M_out, S_out, T_out, Zt_out,
                     N, V, D, v_per_split, inv_temp,
                     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -79,7 +81,7 @@ def _forward_kernel(H, W, Bias, Targets, M_out, S_out, T_out, Zt_out,
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
         z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
-                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
         m_new, s, rescale, e = online_logsumexp(m, s, z)
         if WITH_ENTROPY:
             t = t * rescale + tl.sum(e * tl.where(col_mask[None, :], z, 0.0), axis=1)
@@ -98,7 +100,7 @@ def _backward_kernel(H, W, Bias, Targets, Lse, Sz, G_logp, G_ent, dH, dW, dBias,
                      N, V, D, inv_temp,
                      HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, NEED_DW: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
     v_blocks = tl.cdiv(V, BLOCK_V)
@@ -114,7 +116,7 @@ def _backward_kernel(H, W, Bias, Targets, Lse, Sz, G_logp, G_ent, dH, dW, dBias,
     row_mask = rows < N
     col_mask = cols < V
     z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
-                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST)
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
     g_l = tl.load(G_logp + rows, mask=row_mask, other=0.0)
     target = tl.load(Targets + rows, mask=row_mask, other=-1)
@@ -143,13 +145,20 @@ def _backward_kernel(H, W, Bias, Targets, Lse, Sz, G_logp, G_ent, dH, dW, dBias,
         w = tl.load(w_base + dk[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
         if UPCAST:
             w = w.to(tl.float32)
-        tl.atomic_add(dh_base + dk[None, :], tl.dot(dz_op, w), mask=row_mask[:, None] & d_mask[None, :])
+        tl.atomic_add(dh_base + dk[None, :], tl.dot(dz_op, w, input_precision=DOT_PRECISION),
+                      mask=row_mask[:, None] & d_mask[None, :])
         if NEED_DW:
             # Ignored rows load as 0, so a NaN hidden state there cannot reach dW through 0 * NaN.
             h = tl.load(h_base + dk[None, :], mask=(row_mask & valid)[:, None] & d_mask[None, :], other=0.0)
             if UPCAST:
                 h = h.to(tl.float32)
-            tl.atomic_add(dw_base + dk[None, :], tl.dot(tl.trans(dz_op), h), mask=col_mask[:, None] & d_mask[None, :])
+            tl.atomic_add(dw_base + dk[None, :], tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION),
+                          mask=col_mask[:, None] & d_mask[None, :])
+
+
+def dot_precision(x):
+    """fp32 tiles multiply in full fp32 ("ieee"), as torch's fp32 matmul does; tl.dot would use TF32 otherwise."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def _config(N, V, D):
@@ -185,7 +194,8 @@ def forward(h, weight, bias, targets, valid, inv_temp, with_entropy):
     tgt = torch.where(valid, targets, torch.full_like(targets, -1))
     _forward_kernel[(triton.cdiv(N, bn), splits)](
         h, weight, bias if bias is not None else h, tgt, m, s, t, zt, N, V, D, v_per_split, inv_temp,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, UPCAST=interpreter_on(), **cfg)
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, UPCAST=interpreter_on(),
+        DOT_PRECISION=dot_precision(h), **cfg)
     lse = merge_logsumexp(m, s)
     logp = torch.where(valid, zt.sum(0) - lse, torch.zeros_like(lse))
     S = None
@@ -218,6 +228,6 @@ def backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, inv_temp, n
         h, weight, bias if bias is not None else h, tgt, lse, S if S is not None else lse, g_logp, g_ent,
         dh, dW, db if db is not None else dh, N, V, D, inv_temp,
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, NEED_DW=need_weight_grad, GROUP=8,
-        UPCAST=interpreter_on(), **cfg)
+        UPCAST=interpreter_on(), DOT_PRECISION=dot_precision(h), **cfg)
     return (dh.to(h.dtype), dW.to(weight.dtype) if need_weight_grad else None,
             None if db is None else db.to(bias.dtype))

@@ -136,7 +136,8 @@ def kl_penalty(logp, ref_logp, estimator="k3"):
 
 
 def aggregate(values, mask, mode="token-mean", normalizer=None, norm_length=None):
-    """Aggregate per-token values (B, T) over mask with verl's loss_agg_mode semantics (reference.aggregation_weights)."""
+    """Aggregate per-token values (B, T) over mask with verl's loss_agg_mode semantics
+    (reference.aggregation_weights)."""
     _checks.check_tensor("values", values, min_ndim=1)
     m = _check_mask(mask, values.shape)
     _check_agg(mode)

@@ -8,7 +8,15 @@ import dph_kernels as dk
 from dph_kernels import reference as ref
 from numerics import assert_contract, run_with_grads
 
+pytestmark = pytest.mark.gpu  # on a CUDA machine `pytest -m gpu` runs these with the Triton kernels on the GPU
 KINDS = list(dk.DIVERGENCES)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on(impl, *xs):
+    """Inputs moved where an impl runs: the GPU for Triton when there is one (else the interpreter), else the CPU."""
+    d = DEVICE if impl == "triton" else "cpu"
+    return [None if x is None else x.to(d) for x in xs]
 
 
 def make_heads(lead=(3, 7), D=40, Dr=29, V=301, dtype=torch.float32, seed=0, bias=True):
@@ -28,9 +36,11 @@ def check(kind, impl, dtype=torch.float32, ref_grad=False, seed=0, temperature=0
     (h, w, b, rh, rw, rb), mask = make_heads(dtype=dtype, seed=seed)
     upstream = [torch.randn(mask.shape, generator=torch.Generator().manual_seed(seed + 1))]
 
-    def kernel(h_, w_, b_, rh_, rw_, rb_):
+    def kernel(*leaves):
+        h_, w_, b_, rh_, rw_, rb_, m_ = on(impl, *leaves, mask)
         return dk.linear_f_divergence(h_, w_, rh_, rw_, kind=kind, alpha=0.35, bias=b_, ref_bias=rb_,
-                                      temperature=temperature, mask=mask, ref_requires_grad=ref_grad, impl=impl)
+                                      temperature=temperature, mask=m_, ref_requires_grad=ref_grad,
+                                      impl=impl).cpu()
 
     def math_(h_, w_, b_, rh_, rw_, rb_):
         if not ref_grad:
@@ -70,6 +80,7 @@ def test_bf16(impl):
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_identities(impl):
     (h, w, b, rh, rw, rb), _ = make_heads(Dr=40, seed=5)
+    h, w, b, rh, rw, rb = on(impl, h, w, b, rh, rw, rb)
     for kind in KINDS:
         same = dk.linear_f_divergence(h, w, h, w, kind=kind, bias=b, ref_bias=b, impl=impl)
         assert float(same.abs().max()) < 1e-5, kind
@@ -109,7 +120,8 @@ def test_fused_exact_mode_matches_composition():
     for impl in ["torch", "triton"]:
         fn = dk.FusedLinearDPHLoss(divergence="js", eta=0.5, divergence_mode="exact", impl=impl)
         hh = h.clone().requires_grad_()
-        out = fn(hh, w, targets, mask, is_pef, advantages=adv, ref_hidden=rh, ref_weight=rw)
+        out = fn(*on(impl, hh, w, targets, mask, is_pef), advantages=on(impl, adv)[0],
+                 ref_hidden=on(impl, rh)[0], ref_weight=on(impl, rw)[0])
         out.loss.backward()
         h64 = h.double().requires_grad_()
         lp = ref.linear_logprob(h64, w.double(), targets)

@@ -7,6 +7,7 @@ import dph_kernels as dk
 from dph_kernels import reference as ref
 from numerics import assert_contract, run_with_grads
 
+pytestmark = pytest.mark.gpu  # on a CUDA machine `pytest -m gpu` runs these with the Triton kernels on the GPU
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["torch", "triton", "reference"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

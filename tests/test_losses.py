@@ -9,7 +9,14 @@ import dph_kernels as dk
 from dph_kernels import reference as ref
 from numerics import assert_contract
 
+pytestmark = pytest.mark.gpu  # on a CUDA machine `pytest -m gpu` runs these with the Triton kernels on the GPU
 KINDS = list(dk.DIVERGENCES)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on(impl):
+    """Where an impl's inputs live: the GPU for Triton when there is one (else the interpreter), the CPU otherwise."""
+    return DEVICE if impl == "triton" else "cpu"
 
 
 # ----------------------------------------------------------------------------------------------- elementwise pieces
@@ -141,9 +148,12 @@ def composed_reference(b, cfg, dtype=torch.float64, hidden=None, weight=None, no
 def run_fused(b, loss_fn, dtype=torch.float32, normalizer=None):
     h = b["hidden"].to(dtype).requires_grad_()
     w = b["weight"].to(dtype).requires_grad_()
-    out = loss_fn(h, w, b["targets"], b["loss_mask"], b["is_pef"], advantages=b["adv"], old_logp=b["old"],
-                  ref_logp=b["ref"], online_ref_logp=b["online_ref"], normalizer=normalizer)
+    d = on(loss_fn.cfg["impl"])
+    out = loss_fn(h.to(d), w.to(d), *(b[k].to(d) for k in ("targets", "loss_mask", "is_pef")),
+                  advantages=b["adv"].to(d), old_logp=b["old"].to(d), ref_logp=b["ref"].to(d),
+                  online_ref_logp=b["online_ref"].to(d), normalizer=normalizer)
     dh, dw = torch.autograd.grad(out.loss, [h, w])
+    out.loss, out.logp = out.loss.cpu(), out.logp.cpu()
     return out, dh, dw
 
 
@@ -280,7 +290,7 @@ def test_missing_inputs_and_empty_masks():
 def test_sampled_generator_estimates_the_divergence(kind):
     """Mean of f(pi/pi_ref) over samples from pi_ref matches the exact D_f, and its gradient points the same way."""
     torch.manual_seed(0)
-    K, M, alpha = 6, 200_000, 0.3
+    M, alpha = 200_000, 0.3
     theta = torch.tensor([0.3, -0.5, 1.2, 0.0, -1.0, 0.4], dtype=torch.float64, requires_grad=True)
     ref_logits = torch.tensor([0.0, 0.2, 0.9, -0.3, -0.6, 0.8], dtype=torch.float64)
     log_q = torch.log_softmax(ref_logits, 0)
