@@ -59,16 +59,16 @@ def torch_forward(h, weight, bias, targets, valid, inv_temp, with_entropy):
         r1 = min(N, r0 + step)
         z = _chunk_logits(h[r0:r1], weight, bias, inv_temp, cdt)
         z_target = z.gather(1, targets[r0:r1, None]).squeeze(1)
-        m = z.amax(1, keepdim=True)
-        z.sub_(m)  # z - max, in place
         if with_entropy:
+            m = z.amax(1, keepdim=True)
+            z.sub_(m)  # z - max, in place
             e = torch.exp(z)
             s = e.sum(1)
             # sum_v p_v z_v = m + sum_v e_v (z_v - m) / s
             S[r0:r1] = m.squeeze(1) + torch.linalg.vecdot(e, z) / s
+            lse[r0:r1] = m.squeeze(1) + s.log()
         else:
-            s = z.exp_().sum(1)
-        lse[r0:r1] = m.squeeze(1) + s.log()
+            lse[r0:r1] = torch.logsumexp(z, 1)  # one fused pass, no [rows, V] writes
         logp[r0:r1] = z_target - lse[r0:r1]
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     return logp, lse, S
@@ -89,22 +89,24 @@ def torch_backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, inv_t
         r1 = min(N, r0 + step)
         hc = h[r0:r1]
         z = _chunk_logits(hc, weight, bias, inv_temp, cdt)
-        gl = g_logp[r0:r1, None]
+        gl = g_logp[r0:r1, None] * inv_temp  # 1/T of dlogit = dz / T folded into the per-row factors
         if g_ent is not None:
             p = torch.exp(z - lse[r0:r1, None])
             # entropy part: -g_H * p * (z - S), built in z's buffer
-            z.sub_(S[r0:r1, None]).mul_(p).mul_(-g_ent[r0:r1, None])
+            z.sub_(S[r0:r1, None]).mul_(p).mul_(-inv_temp * g_ent[r0:r1, None])
             z.addcmul_(p, gl, value=-1.0)
             del p
         else:
             z.sub_(lse[r0:r1, None]).exp_().mul_(-gl)  # -g_l * p, in place
         z.scatter_add_(1, targets[r0:r1, None], gl)  # + g_l * onehot
-        z.mul_(inv_temp)
-        # Rows that are ignored contribute nothing, even when their hidden state is NaN/inf.
-        z.masked_fill_(~valid[r0:r1, None], 0.0)
+        rows_valid = valid[r0:r1, None]
+        if not bool(rows_valid.all()):
+            # Ignored rows contribute nothing, even when their hidden state is NaN/inf (0 * NaN is NaN): zero
+            # their dlogit rows and their h rows.
+            z.masked_fill_(~rows_valid, 0.0)
+            hc = torch.where(rows_valid, hc, 0.0)
         dh[r0:r1] = z.to(h.dtype) @ weight
-        # Zero the ignored rows of h too: 0 * NaN would otherwise leak into dW.
-        dW.addmm_(z.T, torch.where(valid[r0:r1, None], hc, 0.0).to(cdt))
+        dW.addmm_(z.T, hc.to(cdt))
         if db is not None:
             db += z.sum(0)
     return dh, dW.to(weight.dtype), None if db is None else db.to(bias.dtype)
