@@ -1,0 +1,211 @@
+"""`dph-train` — the DPH-RL recipe from the command line.
+
+    dph-train presample [--config FILE] [--key=value ...]       sample pi_ref, split D_exp / D_pef, store D_pef
+    dph-train train --method dph-js [--resume] [...]            the RL loop (presets: grpo dapo rkl dph-f dph-js alpha)
+    dph-train eval [--checkpoint base|latest|PATH] [--tag T]    Greedy + Pass@k on test and ood; JSON + PNG
+    dph-train run [--method M] [--resume] [...]                 presample -> eval(base) -> train -> eval(final) -> report
+
+Config: dataclass defaults (the CPU schedule on SmolLM2 + arith) <- --config FILE (or <run_dir>/config.yaml when it
+exists) <- --section.key=value overrides, e.g. --train.steps=4 --run_dir=runs/try. Everything a run writes goes under
+run_dir; the resolved config is saved there as config.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+from .config import METHODS, load_config, save_config
+
+COMMANDS = ("presample", "train", "eval", "run")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dph-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=COMMANDS)
+    p.add_argument("--config", default=None, help="YAML config file (default: <run_dir>/config.yaml if present)")
+    p.add_argument("--method", choices=METHODS, default=None, help="loss preset (= --train.method=...)")
+    p.add_argument("--run-dir", dest="run_dir", default=None, help="run directory (= --run_dir=...)")
+    p.add_argument("--resume", action="store_true", help="continue from the run dir's last checkpoint / results")
+    p.add_argument("--checkpoint", default="latest", help="eval: base | latest | a checkpoint folder")
+    p.add_argument("--tag", default=None, help="eval: name of the result (default: base / final / folder name)")
+    return p
+
+
+def resolve_config(args, overrides: list):
+    if args.method:
+        overrides = overrides + [f"--train.method={args.method}"]
+    if args.run_dir:
+        overrides = overrides + [f"--run_dir={args.run_dir}"]
+    cfg = load_config(args.config, overrides)
+    saved = os.path.join(cfg.run_dir, "config.yaml")
+    if args.config is None and os.path.exists(saved):
+        cfg = load_config(saved, overrides)
+    return cfg
+
+
+def auto_threads() -> int:
+    """Torch threads = the cores not already busy (1-minute load average). On a shared 2-core machine, two OpenMP
+    threads competing with another busy process run ~5x slower than one thread (measured here), so the default
+    leaves busy cores alone; threads=N in the config overrides."""
+    n = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(n, int(n - busy + 0.5)))
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated(f"terminated by signal {signum}")
+
+
+class Session:
+    """The loaded pieces a command needs: device, model, tokenizer, task, rollout engine, run dir."""
+
+    def __init__(self, cfg, model_name: str | None = None):
+        import torch
+
+        from .common import RunDir, seed_all
+        from .models import load_model, resolve_device
+        from .rollout import make_engine
+        from . import tasks
+
+        self.cfg = cfg
+        seed_all(cfg.seed)
+        self.run = RunDir(cfg.run_dir)
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            n = int(cfg.threads) if cfg.threads else auto_threads()
+            torch.set_num_threads(n)
+            self.run.log(f"[session] cpu threads: {n} (cores {os.cpu_count()}, load {os.getloadavg()[0]:.1f})")
+        mc = cfg.model if model_name is None else dataclasses.replace(cfg.model, name=model_name,
+                                                                      tokenizer=model_name)
+        self.model, self.tok = load_model(mc, self.device)
+        self.task = tasks.get_task(cfg.task.name, seed=cfg.task.seed, **(cfg.task.kwargs or {}))
+        self.engine = make_engine(cfg.rollout, self.model, self.tok, cfg.model, self.device, self.run.p("engine"),
+                                  seed=cfg.seed, max_new_tokens_cap=cfg.eval.max_new_tokens)
+        self.run.log(f"[session] rollout backend: {self.engine.name}")
+
+    def close(self):
+        self.engine.close()
+
+
+def cmd_presample(cfg, args, s: Session | None = None) -> dict:
+    from .presample import presample
+
+    s = s or Session(cfg)
+    return presample(cfg, s.model, s.tok, s.task, s.engine, s.run, s.device)
+
+
+def cmd_train(cfg, args, s: Session | None = None) -> dict:
+    from .presample import load_presample
+    from .trainer import Trainer, make_ref_model
+
+    s = s or Session(cfg)
+    prompts_rows, pef_rows, _ = load_presample(s.run.p("presample"))
+    ref = make_ref_model(s.model) if cfg.train.method == "rkl" else None
+    trainer = Trainer(cfg, s.model, s.tok, s.task, s.engine, s.run, s.device, prompts_rows, pef_rows, ref_model=ref)
+    out = trainer.fit(resume=args.resume)
+    del ref
+    return out
+
+
+def _eval_target(cfg, args):
+    from .trainer import list_checkpoints
+
+    if args.checkpoint == "base":
+        return None, args.tag or "base"
+    if args.checkpoint == "latest":
+        ck = list_checkpoints(os.path.join(cfg.run_dir, "checkpoints"))
+        if not ck:
+            return None, args.tag or "base"
+        return ck[-1], args.tag or "final"
+    if not os.path.isdir(args.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r}: not base, latest or a folder")
+    return args.checkpoint, args.tag or os.path.basename(os.path.normpath(args.checkpoint))
+
+
+def cmd_eval(cfg, args, s: Session | None = None, tag: str | None = None) -> dict:
+    from .evaluate import evaluate, format_table
+
+    if s is None:
+        path, tag = _eval_target(cfg, args)
+        s = Session(cfg, model_name=path)
+    res = evaluate(cfg, s.model, s.tok, s.task, s.engine, s.run, tag or args.tag or "base")
+    print(format_table({res["tag"]: res}, ks=[k for k in (1, 8) if k in cfg.eval.ks] or cfg.eval.ks[:1]))
+    return res
+
+
+def cmd_run(cfg, args) -> dict:
+    import json
+
+    from .evaluate import format_table, load_evals, write_report
+
+    t0 = time.time()
+    s = Session(cfg)
+    run = s.run
+    if args.resume and os.path.exists(run.p("presample", "summary.json")):
+        run.log("[run] presample: reusing the stored data")
+    else:
+        cmd_presample(cfg, args, s)
+    if args.resume and os.path.exists(run.p("eval", "base.json")):
+        run.log("[run] eval base: reusing eval/base.json")
+    else:
+        cmd_eval(cfg, args, s, tag="base")
+    train = cmd_train(cfg, args, s)
+    cmd_eval(cfg, args, s, tag="final")
+    wall = time.time() - t0
+    report = write_report(cfg, run, dict(wall_seconds=wall, device=str(s.device)))
+    evals = {k: v for k, v in load_evals(run.p("eval")).items() if k in ("base", "final")}
+    ks = [k for k in (1, 8) if k in cfg.eval.ks] or cfg.eval.ks[:2]
+    print("\n" + format_table(evals, ks=ks))
+    print(f"\n{cfg.train.method}: {train['steps']} steps; wall {wall:.0f} s; report {report}")
+    s.close()
+    return dict(wall_seconds=wall, report=report, train=train, evals=json.loads(json.dumps(evals)))
+
+
+def main(argv: list | None = None) -> int:
+    args, rest = _parser().parse_known_args(argv)
+    bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
+    if bad:
+        _parser().error(f"unrecognized arguments {bad}; config overrides look like --section.key=value")
+    cfg = resolve_config(args, rest)
+    from .common import RunDir
+
+    run = RunDir(cfg.run_dir)
+    save_config(cfg, run.p("config.yaml"))
+    run.status("running", command=args.command)
+    import signal
+
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)  # a killed run still records why it stopped
+    except ValueError:  # not the main thread
+        pass
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        fn = dict(presample=cmd_presample, train=cmd_train, eval=cmd_eval, run=cmd_run)[args.command]
+        fn(cfg, args)
+    except KeyboardInterrupt as e:
+        run.fail(args.command, e)
+        return 130
+    except Exception as e:
+        run.fail(args.command, e)
+        raise
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests) get their thread count back
+    run.status("done", command=args.command)
+    return 0
+
+
+if __name__ == "__main__":  # the vLLM CPU backend may spawn processes: keep the entry point guarded
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Small shared pieces: prompt encoding, the run directory (log, metrics JSONL, status), seeding, memory."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import sys
+import time
+import traceback
+
+import torch
+
+
+def encode_prompt(tokenizer, prompt: str, task_cfg) -> list:
+    """Token ids of the prompt as one user turn of the chat template (with the assistant header appended)."""
+    if task_cfg.chat_template and getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": prompt}]
+        if task_cfg.system_prompt:
+            msgs.insert(0, {"role": "system", "content": task_cfg.system_prompt})
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, float) and (x != x or x in (float("inf"), float("-inf"))):
+        return str(x)
+    return x
+
+
+def write_json(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(jsonable(obj), f, indent=2)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Everything a run writes lives under one folder:
+
+        config.yaml  log.txt  metrics.jsonl  status.json
+        presample/{data (datasets Arrow), summary.json}
+        checkpoints/step_XXXXXX/{HF model folder, trainer_state.pt}
+        eval/{<tag>.json, passk.png}     report.md
+    """
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        os.makedirs(self.path, exist_ok=True)
+
+    def p(self, *parts) -> str:
+        return os.path.join(self.path, *parts)
+
+    def log(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        with open(self.p("log.txt"), "a") as f:
+            f.write(line + "\n")
+
+    def metrics(self, record: dict) -> None:
+        with open(self.p("metrics.jsonl"), "a") as f:
+            f.write(json.dumps(jsonable(record)) + "\n")
+            f.flush()
+
+    def status(self, state: str, **info) -> None:
+        write_json(self.p("status.json"), {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info})
+
+    def fail(self, command: str, exc: BaseException) -> None:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.status("failed", command=command, error=repr(exc), traceback=tb)
+        with open(self.p("log.txt"), "a") as f:
+            f.write(tb)
+        print(f"[{command}] failed: {exc!r}; logs and checkpoints stay in {self.path}", file=sys.stderr)
+
+
+def read_jsonl(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:  # a half-written last line of a killed run
+                    pass
+    return out

@@ -1,0 +1,374 @@
+"""The DPH-RL training loop (method.md): one optimizer step =
+
+    D_exp prompts x G rollouts -> rewards -> dk.grpo_advantages -> log pi_old (no grad, fused kernel)
+    + a batch of stored D_pef samples (with their log pi_ref)
+    -> dk.FusedLinearDPHLoss per micro-batch, normalized by the global token count of the sequence's set
+    -> AdamW -> grad clip -> weight sync to the rollout engine.
+
+Micro-batches are routed: each one holds only D_exp rollouts or only D_pef samples, and its loss is divided by the
+token count of its whole set in this step, so the sum over micro-batches is exactly
+    L = token-mean over D_exp tokens of the PPO-clip loss + eta * token-mean over D_pef tokens of f(u_t),
+the weighting method.md asks to expose (not the released code's accidental eta/8).
+
+Baselines (grpo, dapo, rkl) use no stored samples and explore on every training prompt (D_exp = all prompts).
+The loss path calls the backbone and hands lm_head's weight to the kernel; lm_head's forward is never called here.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import shutil
+import time
+from collections import Counter, defaultdict
+
+import torch
+
+import dph_kernels as dk
+
+from .batching import Seq, collate, head_weight_like, pad_float, response_hidden, score_sequences
+from .common import encode_prompt, peak_memory_mb, write_json
+from .models import autocast, save_hf_folder
+
+DPH_METHODS = ("dph-f", "dph-js", "alpha")
+
+
+def build_loss(method: str, overrides: dict, impl: str = "auto", log_entropy: bool = False):
+    kw = dict(overrides or {})
+    kw.setdefault("impl", impl)
+    kw.setdefault("log_entropy", log_entropy)
+    return dk.FusedLinearDPHLoss.preset(method, **kw)
+
+
+def _chunks(xs: list, n: int):
+    for i in range(0, len(xs), n):
+        yield xs[i:i + n]
+
+
+class Trainer:
+    def __init__(self, cfg, model, tokenizer, task, engine, run, device, prompts_rows: list, pef_rows: list,
+                 ref_model=None):
+        self.cfg, self.model, self.tok, self.task, self.engine, self.run = cfg, model, tokenizer, task, engine, run
+        self.device = device
+        tc = cfg.train
+        # The entropy metric comes from the log pi_old pass, or (old_logp=on_policy) from the update pass itself.
+        self.loss_fn = build_loss(tc.method, tc.loss, tc.logp_impl, log_entropy=tc.old_logp == "on_policy")
+        self.use_pef = tc.method in DPH_METHODS
+        by_id = {ex.id: ex for ex in task.examples("train")}
+        missing = [r["id"] for r in prompts_rows if r["id"] not in by_id]
+        if missing:
+            raise ValueError(f"{len(missing)} pre-sampled prompts are not in the task's train split (task changed?): "
+                             f"{missing[:3]}")
+        pool = [r for r in prompts_rows if r["split"] == "exp"] if self.use_pef else list(prompts_rows)
+        self.exp_examples = [by_id[r["id"]] for r in pool]
+        self.exp_prompt_ids = [encode_prompt(tokenizer, ex.prompt, cfg.task) for ex in self.exp_examples]
+        self.pef_rows = pef_rows if (self.use_pef and tc.pef_per_step > 0) else []
+        if self.use_pef and not self.pef_rows:
+            run.log("[train] warning: no stored D_pef samples; the divergence term is empty (pure PPO-clip steps)")
+        if not self.exp_examples and not self.pef_rows:
+            raise ValueError("nothing to train on: D_exp is empty and there are no D_pef samples")
+        self.ref_model = ref_model
+        if tc.method == "rkl" and float(self.loss_fn_kl_beta()) > 0 and ref_model is None:
+            raise ValueError("method rkl needs a reference model (pass ref_model)")
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
+                                     weight_decay=tc.weight_decay, betas=tuple(tc.betas))
+        self.step = 0
+        self.total_steps = self._total_steps()
+
+    def loss_fn_kl_beta(self) -> float:
+        return float(self.loss_fn.cfg.get("kl_beta", 0.0))
+
+    def _total_steps(self) -> int:
+        tc = self.cfg.train
+        if tc.steps is not None:
+            return int(tc.steps)
+        n = max(1, len(self.exp_examples))
+        return max(1, math.ceil(tc.epochs * n / tc.prompts_per_step))
+
+    # ---------------------------------------------------------------- data order (a pure function of the step)
+    def _order(self, n: int, epoch: int, salt: int) -> list:
+        idx = list(range(n))
+        random.Random(self.cfg.seed * 1_000_003 + epoch * 7_919 + salt).shuffle(idx)
+        return idx
+
+    def _take(self, n_items: int, per_step: int, step: int, salt: int) -> list:
+        if n_items == 0 or per_step == 0:
+            return []
+        out = []
+        start = step * per_step
+        for g in range(start, start + per_step):
+            epoch, k = divmod(g, n_items)
+            out.append(self._order(n_items, epoch, salt)[k])
+        return out
+
+    # ---------------------------------------------------------------- one step
+    def collect(self, step: int):
+        """Rollouts + rewards + advantages for this step's D_exp prompts, plus this step's D_pef samples."""
+        tc, rc = self.cfg.train, self.cfg.rollout
+        G = tc.group_size
+        idx = self._take(len(self.exp_examples), tc.prompts_per_step, step, salt=1)
+        exp_seqs, rewards, reasons = [], [], Counter()
+        gen_tokens, t_roll = 0, 0.0
+        if idx:
+            t0 = time.time()
+            torch.manual_seed(self.cfg.seed * 1_000_003 + step)
+            kw = dict(seed=self.cfg.seed * 1_000_003 + step) if self.engine.name == "vllm" else {}
+            rb = self.engine.generate([self.exp_prompt_ids[i] for i in idx], n=G, temperature=rc.temperature,
+                                      top_p=rc.top_p, desc=f"rollout {step + 1}", **kw)
+            t_roll = time.time() - t0
+            gen_tokens = rb.n_response_tokens
+            for k in range(len(rb)):
+                s = self.task.score(self.exp_examples[idx[k // G]], rb.texts[k])
+                rewards.append(float(s.reward))
+                reasons[s.reason] += 1
+            adv = dk.grpo_advantages(torch.tensor(rewards, dtype=torch.float32), G)
+            for k in range(len(rb)):
+                exp_seqs.append(Seq(rb.prompt_list(k), rb.response_list(k), advantage=float(adv[k]),
+                                    meta=dict(finished=rb.finished[k])))
+        pef_seqs = []
+        # never the same stored sample twice in one step (fewer stored samples than pef_per_step: use each once)
+        for j in self._take(len(self.pef_rows), min(tc.pef_per_step, len(self.pef_rows)), step, salt=2):
+            r = self.pef_rows[j]
+            pef_seqs.append(Seq(list(r["prompt_ids"]), list(r["response_ids"]), is_pef=True,
+                                ref_logp=list(r["ref_logp"])))
+        info = dict(rewards=rewards, reasons=reasons, gen_tokens=gen_tokens, t_rollout=t_roll)
+        return exp_seqs, pef_seqs, info
+
+    def _fill_logps(self, exp_seqs: list) -> dict:
+        """log pi_old (and entropy) of the rollouts under the current policy, no grad; online ref for rkl."""
+        out = {}
+        if not exp_seqs or self.cfg.train.old_logp == "on_policy":
+            if exp_seqs and self.ref_model is not None:
+                self._fill_online_ref(exp_seqs)
+            return out
+        pad, mc, impl = self.tok.pad_token_id, self.cfg.model, self.cfg.train.logp_impl
+        P = [s.prompt_ids for s in exp_seqs]
+        R = [s.response_ids for s in exp_seqs]
+        bs = self.cfg.train.micro_batch_size
+        old, ent = score_sequences(self.model, P, R, pad, mc, self.device, batch_size=bs, return_entropy=True,
+                                   impl=impl)
+        for s, lp in zip(exp_seqs, old):
+            s.old_logp = lp
+        n = sum(len(e) for e in ent)
+        out["entropy"] = sum(sum(e) for e in ent) / max(1, n)
+        if self.ref_model is not None:
+            self._fill_online_ref(exp_seqs)
+        return out
+
+    def _fill_online_ref(self, exp_seqs: list) -> None:
+        ref = score_sequences(self.ref_model, [s.prompt_ids for s in exp_seqs], [s.response_ids for s in exp_seqs],
+                              self.tok.pad_token_id, self.cfg.model, self.device,
+                              batch_size=self.cfg.train.micro_batch_size, impl=self.cfg.train.logp_impl)
+        for s, lp in zip(exp_seqs, ref):
+            s.online_ref_logp = lp
+
+    def _micro_loss(self, seqs: list, normalizer):
+        b = collate([s.prompt_ids for s in seqs], [s.response_ids for s in seqs], self.tok.pad_token_id)
+        b = b.to(self.device)
+        R = b.targets.shape[1]
+        is_pef = torch.tensor([s.is_pef for s in seqs], dtype=torch.bool, device=self.device)
+        adv = torch.tensor([s.advantage for s in seqs], dtype=torch.float32, device=self.device)
+        kw = dict(advantages=adv, normalizer=normalizer)
+        if any(s.old_logp is not None for s in seqs):
+            kw["old_logp"] = pad_float([s.old_logp for s in seqs], R).to(self.device)
+        if any(s.ref_logp is not None for s in seqs):
+            kw["ref_logp"] = pad_float([s.ref_logp for s in seqs], R).to(self.device)
+        if any(s.online_ref_logp is not None for s in seqs):
+            kw["online_ref_logp"] = pad_float([s.online_ref_logp for s in seqs], R).to(self.device)
+        with autocast(self.cfg.model, self.device):
+            h = response_hidden(self.model, b)
+        return self.loss_fn(h, head_weight_like(self.model, h), b.targets, b.response_mask, is_pef, **kw)
+
+    def update(self, exp_seqs: list, pef_seqs: list) -> dict:
+        """Loss over routed micro-batches, backward, grad clip, AdamW step. Never calls lm_head's forward."""
+        tc = self.cfg.train
+        self.model.train()
+        n_exp = sum(s.n_tokens for s in exp_seqs)
+        n_pef = sum(s.n_tokens for s in pef_seqs)
+        # The whole step's token count of each set: summing micro-batch losses gives one big batch's token-means.
+        normalizer = {k: float(v) for k, v in (("exp", n_exp), ("pef", n_pef)) if v > 0}
+        # Longest first keeps padding small inside each micro-batch.
+        exp_sorted = sorted(exp_seqs, key=lambda s: -(len(s.prompt_ids) + s.n_tokens))
+        pef_sorted = sorted(pef_seqs, key=lambda s: -(len(s.prompt_ids) + s.n_tokens))
+        for _ in range(tc.ppo_epochs):
+            self.opt.zero_grad(set_to_none=True)
+            acc = _MetricAcc()
+            for group in (exp_sorted, pef_sorted):
+                for mb in _chunks(group, tc.micro_batch_size):
+                    out = self._micro_loss(mb, normalizer)
+                    out.loss.backward()
+                    acc.add(out.metrics)
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)) if params else 0.0
+            self.opt.step()
+        m = acc.result()
+        m.update(grad_norm=grad_norm, exp_tokens=n_exp, pef_tokens=n_pef)
+        return m
+
+    def train_step(self) -> dict:
+        step = self.step
+        t0 = time.time()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        exp_seqs, pef_seqs, info = self.collect(step)
+        t1 = time.time()
+        extra = self._fill_logps(exp_seqs)
+        t2 = time.time()
+        m = self.update(exp_seqs, pef_seqs)
+        t3 = time.time()
+        t_sync = self.engine.sync_weights(self.model)
+        self.step += 1
+        rewards = info["rewards"]
+        trained = m["exp_tokens"] + m["pef_tokens"]
+        rec = dict(
+            step=self.step, method=self.cfg.train.method,
+            reward_mean=sum(rewards) / len(rewards) if rewards else None,
+            accuracy=sum(1 for r in rewards if r >= 1.0) / len(rewards) if rewards else None,
+            n_exp_seqs=len(exp_seqs), n_pef_seqs=len(pef_seqs),
+            response_len_mean=(sum(s.n_tokens for s in exp_seqs) / len(exp_seqs)) if exp_seqs else None,
+            frac_finished=(sum(1 for s in exp_seqs if s.meta.get("finished")) / len(exp_seqs)) if exp_seqs else None,
+            entropy=extra.get("entropy", m.get("entropy_mean_exp")),
+            **m,
+            reasons=dict(info["reasons"]),
+            lr=self.opt.param_groups[0]["lr"],
+            time_rollout=round(info["t_rollout"], 3), time_old_logp=round(t2 - t1, 3),
+            time_update=round(t3 - t2, 3), time_sync=round(t_sync, 3), time_step=round(time.time() - t0, 3),
+            rollout_tokens_per_s=info["gen_tokens"] / info["t_rollout"] if info["t_rollout"] > 0 else None,
+            train_tokens_per_s=trained / (t3 - t2) if t3 > t2 else None,
+            peak_memory_mb=round(peak_memory_mb(self.device), 1),
+        )
+        return rec
+
+    # ---------------------------------------------------------------- checkpoints
+    def ckpt_root(self) -> str:
+        return self.run.p("checkpoints")
+
+    def save_checkpoint(self) -> str:
+        root = self.ckpt_root()
+        os.makedirs(root, exist_ok=True)
+        final = os.path.join(root, f"step_{self.step:06d}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_hf_folder(self.model, self.tok, tmp)
+        torch.save(dict(step=self.step, optimizer=self.opt.state_dict(), torch_rng=torch.get_rng_state(),
+                        python_rng=random.getstate()), os.path.join(tmp, "trainer_state.pt"))
+        write_json(os.path.join(tmp, "COMPLETE.json"), dict(step=self.step, method=self.cfg.train.method))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        keep = max(1, self.cfg.train.keep_checkpoints)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        sd = {}
+        for f in sorted(os.listdir(path)):
+            if f.endswith(".safetensors"):
+                sd.update(load_file(os.path.join(path, f)))
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing}, extra {unexpected}")
+        if tied:
+            self.model.tie_weights()
+        state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        self.engine.sync_weights(self.model)
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self, resume: bool = False) -> dict:
+        from tqdm.auto import tqdm
+
+        tc = self.cfg.train
+        if resume:
+            ck = list_checkpoints(self.ckpt_root())
+            if ck:
+                self.load_checkpoint(ck[-1])
+                self.run.log(f"[train] resumed from {ck[-1]} (step {self.step})")
+            else:
+                self.run.log("[train] --resume: no checkpoint yet, starting from step 0")
+        self.run.log(f"[train] method={tc.method} steps={self.total_steps} D_exp prompts={len(self.exp_examples)} "
+                     f"stored D_pef samples={len(self.pef_rows)} G={tc.group_size} prompts/step={tc.prompts_per_step} "
+                     f"pef/step={tc.pef_per_step if self.pef_rows else 0} lr={tc.lr}")
+        self.run.status("training", step=self.step, total_steps=self.total_steps)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {tc.method}", unit="step")
+        t0 = time.time()
+        last = {}
+        while self.step < self.total_steps:
+            rec = self.train_step()
+            rec["time_elapsed"] = round(time.time() - t0, 1)
+            self.run.metrics(rec)
+            last = rec
+            bar.update(1)
+            bar.set_postfix(reward=f"{rec['reward_mean'] or 0:.3f}", loss=f"{rec['loss']:.4f}",
+                            s=f"{rec['time_step']:.1f}")
+            self.run.status("training", step=self.step, total_steps=self.total_steps)
+            if tc.save_every and self.step % tc.save_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        ck = list_checkpoints(self.ckpt_root())
+        if not ck or not ck[-1].endswith(f"step_{self.step:06d}"):
+            path = self.save_checkpoint()
+        else:
+            path = ck[-1]
+        self.run.log(f"[train] done: {self.step} steps in {time.time() - t0:.1f}s; checkpoint {path}")
+        return dict(steps=self.step, seconds=round(time.time() - t0, 1), checkpoint=path, last=last)
+
+
+class _MetricAcc:
+    """Combines FusedLinearDPHLoss metrics over micro-batches: loss terms are summed (each micro-batch is already
+    divided by the step's token count), D_exp statistics are weighted by D_exp tokens, D_pef ones by D_pef tokens."""
+
+    SUM = ("loss", "loss_exp", "loss_pef")
+    EXP = ("clipfrac_low", "clipfrac_high", "clipfrac_dual", "ratio_mean", "approx_kl", "kl_penalty_mean",
+           "entropy_mean_exp")
+    PEF = ("divergence_mean",)
+
+    def __init__(self):
+        self.sums, self.w, self.max = defaultdict(float), defaultdict(float), {}
+
+    def add(self, m: dict) -> None:
+        ne, npf = m.get("n_tokens_exp", 0), m.get("n_tokens_pef", 0)
+        for k in self.SUM:
+            if k in m:
+                self.sums[k] += float(m[k])
+                self.w[k] = 1.0
+        for keys, n in ((self.EXP, ne), (self.PEF, npf)):
+            for k in keys:
+                if k in m and n > 0:
+                    self.sums[k] += float(m[k]) * n
+                    self.w[k] += n
+        if "divergence_max" in m and npf > 0:
+            self.max["divergence_max"] = max(self.max.get("divergence_max", float("-inf")), float(m["divergence_max"]))
+
+    def result(self) -> dict:
+        out = {k: (self.sums[k] if k in self.SUM else self.sums[k] / self.w[k]) for k in self.sums if self.w[k] > 0}
+        out.update(self.max)
+        return out
+
+
+def list_checkpoints(root: str) -> list:
+    """Complete checkpoints (those with COMPLETE.json), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for d in sorted(os.listdir(root)):
+        p = os.path.join(root, d)
+        if d.startswith("step_") and not d.endswith(".tmp") and os.path.exists(os.path.join(p, "COMPLETE.json")):
+            out.append(p)
+    return out
+
+
+def make_ref_model(model):
+    """A frozen copy of the initial policy (the RKL baseline's online reference)."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
