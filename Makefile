@@ -7,8 +7,10 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 TRITON  ?= triton==3.6.0
+# Each `make run` writes a new run folder, so an earlier run's logs and checkpoints are never overwritten.
+RUN_DIR ?= runs/smollm2_arith_$(shell date +%Y%m%d_%H%M%S)
 
-.PHONY: setup run test bench gpu clean
+.PHONY: setup run test bench kernel-bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -21,13 +23,16 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m benchmarks.cpu_linear_logprob
+	$(BIN)/dph-train run --run-dir=$(RUN_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
+
+kernel-bench: $(STAMP)
+	$(BIN)/python -m benchmarks.cpu_linear_logprob
 
 clean:
 	rm -rf $(VENV)
