@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ._checks import interpreter_on
 from .linear_logprob_triton import (_config, _logit_tile, _vocab_splits, dot_precision, merge_logsumexp,
-                                    online_logsumexp)
+                                    online_logsumexp, scatter_grads, tile_of_program)
 from .token_loss_triton import KIND_IDS, f_and_grad
 
 
@@ -99,48 +99,12 @@ def _div_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Dout, Cout, N, V, D, Dr, v
 
 
 @triton.jit
-def _scatter_grads(dz, X, Wt, dX, dWt, rows, cols, row_mask, col_mask, valid, Dx,
-                   BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dX[rows] += dz @ Wt[cols];  dWt[cols] += dz.T @ X[rows]  (fp32 atomics)."""
-    if UPCAST:
-        dz_op = dz
-    else:
-        dz_op = dz.to(X.dtype.element_ty)
-    for d0 in range(0, Dx, BLOCK_D):
-        dk = d0 + tl.arange(0, BLOCK_D)
-        d_mask = dk < Dx
-        w = tl.load(Wt + cols.to(tl.int64)[:, None] * Dx + dk[None, :], mask=col_mask[:, None] & d_mask[None, :],
-                    other=0.0)
-        x = tl.load(X + rows.to(tl.int64)[:, None] * Dx + dk[None, :],
-                    mask=(row_mask & valid)[:, None] & d_mask[None, :], other=0.0)
-        if UPCAST:
-            w = w.to(tl.float32)
-            x = x.to(tl.float32)
-        tl.atomic_add(dX + rows.to(tl.int64)[:, None] * Dx + dk[None, :],
-                      tl.dot(dz_op, w, input_precision=DOT_PRECISION), mask=row_mask[:, None] & d_mask[None, :])
-        tl.atomic_add(dWt + cols.to(tl.int64)[:, None] * Dx + dk[None, :],
-                      tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION),
-                      mask=col_mask[:, None] & d_mask[None, :])
-
-
-@triton.jit
 def _div_backward_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Div, C, G, Valid, dH, dW, dB, dHr, dWr, dBr,
                          N, V, D, Dr, inv_temp, alpha,
                          KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr, NEED_REF: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
                          UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(N, BLOCK_N)
-    v_blocks = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP * v_blocks
-    first_n = (pid // per_group) * GROUP
-    group_size = tl.minimum(n_blocks - first_n, GROUP)
-    pid_n = first_n + (pid % per_group) % group_size
-    pid_v = (pid % per_group) // group_size
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < N
-    col_mask = cols < V
+    rows, cols, row_mask, col_mask = tile_of_program(N, V, BLOCK_N, BLOCK_V, GROUP)
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
     lse_r = tl.load(LseR + rows, mask=row_mask, other=0.0)
     p, f, phi, q = _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, col_mask, lse, lse_r, D, Dr,
@@ -153,13 +117,14 @@ def _div_backward_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Div, C, G, Valid,
     dz = tl.where(keep, g[:, None] * (phi - p * c[:, None]) * inv_temp, 0.0)
     if HAS_BIAS:
         tl.atomic_add(dB + cols, tl.sum(dz, axis=0), mask=col_mask)
-    _scatter_grads(dz, H, W, dH, dW, rows, cols, row_mask, col_mask, valid, D, BLOCK_D, UPCAST, DOT_PRECISION)
+    scatter_grads(dz, H, W, dH, dW, rows, cols, row_mask, col_mask, valid, D, True, BLOCK_D, UPCAST, DOT_PRECISION)
     if NEED_REF:
         dv = tl.load(Div + rows, mask=row_mask, other=0.0)
         dzr = tl.where(keep, g[:, None] * (f - phi - q * (dv - c)[:, None]) * inv_temp, 0.0)
         if HAS_RBIAS:
             tl.atomic_add(dBr + cols, tl.sum(dzr, axis=0), mask=col_mask)
-        _scatter_grads(dzr, Hr, Wr, dHr, dWr, rows, cols, row_mask, col_mask, valid, Dr, BLOCK_D, UPCAST, DOT_PRECISION)
+        scatter_grads(dzr, Hr, Wr, dHr, dWr, rows, cols, row_mask, col_mask, valid, Dr, True, BLOCK_D, UPCAST,
+                      DOT_PRECISION)
 
 
 def forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha):

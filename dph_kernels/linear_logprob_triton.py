@@ -101,20 +101,7 @@ def _backward_kernel(H, W, Bias, Targets, Lse, Sz, G_logp, G_ent, dH, dW, dBias,
                      HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, NEED_DW: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
                      UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(N, BLOCK_N)
-    v_blocks = tl.cdiv(V, BLOCK_V)
-    # Grouped ordering: GROUP row blocks sweep the vocab together, so weight tiles are reused from L2.
-    per_group = GROUP * v_blocks
-    first_n = (pid // per_group) * GROUP
-    group_size = tl.minimum(n_blocks - first_n, GROUP)
-    pid_n = first_n + (pid % per_group) % group_size
-    pid_v = (pid % per_group) // group_size
-
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < N
-    col_mask = cols < V
+    rows, cols, row_mask, col_mask = tile_of_program(N, V, BLOCK_N, BLOCK_V, GROUP)
     z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
@@ -131,28 +118,51 @@ def _backward_kernel(H, W, Bias, Targets, Lse, Sz, G_logp, G_ent, dH, dW, dBias,
     dz = tl.where(valid[:, None] & row_mask[:, None] & col_mask[None, :], dz * inv_temp, 0.0)
     if HAS_BIAS:
         tl.atomic_add(dBias + cols, tl.sum(dz, axis=0), mask=col_mask)
+    scatter_grads(dz, H, W, dH, dW, rows, cols, row_mask, col_mask, valid, D, NEED_DW, BLOCK_D, UPCAST,
+                  DOT_PRECISION)
+
+
+@triton.jit
+def tile_of_program(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP: tl.constexpr):
+    """The (row block, vocab block) tile of this program, in grouped order: GROUP row blocks sweep the vocabulary
+    together, so weight tiles are reused from L2."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * tl.cdiv(V, BLOCK_V)
+    first_n = (pid // per_group) * GROUP
+    group_size = tl.minimum(n_blocks - first_n, GROUP)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_v = (pid % per_group) // group_size
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    return rows, cols, rows < N, cols < V
+
+
+@triton.jit
+def scatter_grads(dz, X, Wt, dX, dWt, rows, cols, row_mask, col_mask, valid, Dx, NEED_DW: tl.constexpr,
+                  BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dX[rows] += dz @ Wt[cols];  dWt[cols] += dz.T @ X[rows]  (fp32 atomics), for a dlogit tile dz."""
     if UPCAST:
         dz_op = dz
     else:
-        dz_op = dz.to(H.dtype.element_ty)
-    h_base = H + rows.to(tl.int64)[:, None] * D
-    w_base = W + cols.to(tl.int64)[:, None] * D
-    dh_base = dH + rows.to(tl.int64)[:, None] * D
-    dw_base = dW + cols.to(tl.int64)[:, None] * D
-    for d0 in range(0, D, BLOCK_D):
+        dz_op = dz.to(X.dtype.element_ty)
+    for d0 in range(0, Dx, BLOCK_D):
         dk = d0 + tl.arange(0, BLOCK_D)
-        d_mask = dk < D
-        w = tl.load(w_base + dk[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        d_mask = dk < Dx
+        w = tl.load(Wt + cols.to(tl.int64)[:, None] * Dx + dk[None, :], mask=col_mask[:, None] & d_mask[None, :],
+                    other=0.0)
         if UPCAST:
             w = w.to(tl.float32)
-        tl.atomic_add(dh_base + dk[None, :], tl.dot(dz_op, w, input_precision=DOT_PRECISION),
-                      mask=row_mask[:, None] & d_mask[None, :])
+        tl.atomic_add(dX + rows.to(tl.int64)[:, None] * Dx + dk[None, :],
+                      tl.dot(dz_op, w, input_precision=DOT_PRECISION), mask=row_mask[:, None] & d_mask[None, :])
         if NEED_DW:
             # Ignored rows load as 0, so a NaN hidden state there cannot reach dW through 0 * NaN.
-            h = tl.load(h_base + dk[None, :], mask=(row_mask & valid)[:, None] & d_mask[None, :], other=0.0)
+            x = tl.load(X + rows.to(tl.int64)[:, None] * Dx + dk[None, :],
+                        mask=(row_mask & valid)[:, None] & d_mask[None, :], other=0.0)
             if UPCAST:
-                h = h.to(tl.float32)
-            tl.atomic_add(dw_base + dk[None, :], tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION),
+                x = x.to(tl.float32)
+            tl.atomic_add(dWt + cols.to(tl.int64)[:, None] * Dx + dk[None, :],
+                          tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION),
                           mask=col_mask[:, None] & d_mask[None, :])
 
 
