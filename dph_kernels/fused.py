@@ -86,6 +86,84 @@ def _torch_token_loss(logp, old, adv, ref_logp, online_ref, is_pef_tok, weights,
     return contrib, ratio.detach(), flags, kl.detach(), div.detach()
 
 
+def _fill_inputs(logp, token_inputs, masks):
+    """old / adv / ref / online-ref per token, each replaced by log pi_theta (detached) outside its own set."""
+    old, adv, ref_logp, online_ref = token_inputs
+    tok_exp, pef_flag = masks[0], masks[1]
+    lp0 = logp.detach()
+
+    def fill(x, where):
+        return lp0 if x is None else torch.where(where, x, lp0)
+
+    return fill(old, tok_exp), adv, fill(ref_logp, pef_flag), fill(online_ref, tok_exp)
+
+
+class _ChunkedTorchLoss(torch.autograd.Function):
+    """The hybrid loss on the chunked torch path with its gradient computed during the forward pass.
+
+    Each token's loss depends on its own log-prob only (the aggregation weights are fixed by the masks), so once a
+    chunk's logits give its log-probs, the per-token derivatives (reference math, local autograd) and the chunk's
+    dlogit, dh and dW follow at once: three matmuls per chunk and no recompute in backward, which only scales the
+    stored gradients by the upstream scalar."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, safe_t, valid, inv_temp, need_entropy, need_grad, token_inputs, masks, cfg):
+        from .linear_logprob import (_chunk_logits, chunk_accumulate_grads, chunk_dlogits_, chunk_stats, chunks,
+                                     compute_dtype, grad_buffers)
+        N, V = h.shape[0], weight.shape[0]
+        cdt = compute_dtype(h.dtype)
+        logp = torch.zeros(N, dtype=cdt, device=h.device)
+        entropy = torch.zeros(N, dtype=cdt, device=h.device) if need_entropy else None
+        parts = {k: [] for k in ("contrib", "ratio", "flags", "kl", "div")}
+        dh = torch.zeros_like(h) if need_grad else None
+        dW, db = grad_buffers(weight, bias, cdt) if need_grad else (None, None)
+        w_ent = -cfg["entropy_coef"] * masks[3].to(cdt) if cfg["entropy_coef"] != 0 else None
+        for c in chunks(N, V, cdt):
+            z = _chunk_logits(h[c], weight, bias, inv_temp, cdt)
+            z_target, lse, S = chunk_stats(z, safe_t[c], need_entropy)
+            zero = torch.zeros_like(lse)
+            lp = torch.where(valid[c], z_target - lse, zero).detach().requires_grad_()
+            logp[c] = lp.detach()
+            if need_entropy:
+                entropy[c] = torch.where(valid[c], lse - S, zero)
+            chunk_in = [None if x is None else x[c] for x in token_inputs]
+            chunk_masks = [m[c] for m in masks]
+            with torch.enable_grad():
+                out = _torch_token_loss(lp, *_fill_inputs(lp, chunk_in, chunk_masks), chunk_masks[1],
+                                        chunk_masks[2], cfg)
+                (g_logp,) = torch.autograd.grad(out[0].sum(), lp) if need_grad else (None,)
+            for k, v in zip(parts, out):
+                parts[k].append(v.detach())
+            if need_grad:
+                dz = chunk_dlogits_(z, safe_t[c], lse, S, torch.where(valid[c], g_logp, zero),
+                                    None if w_ent is None else w_ent[c], inv_temp)
+                chunk_accumulate_grads(dz, h[c], valid[c], weight, dh[c], dW, db)
+        contrib, ratio, flags, kl, div = (torch.cat(parts[k]) for k in parts)
+        loss = contrib.sum()
+        if w_ent is not None:
+            loss = loss + _weighted_sum(w_ent, entropy)
+        if need_grad:
+            ctx.save_for_backward(dh, dW.to(weight.dtype), None if db is None else db.to(bias.dtype))
+        ctx.mark_non_differentiable(logp, contrib, ratio, flags, kl, div, *([entropy] if need_entropy else []))
+        return loss, logp, entropy, contrib, ratio, flags, kl, div
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        dh, dW, db = ctx.saved_tensors
+        scale = lambda x: None if x is None else x * g_loss.to(x.dtype)  # noqa: E731
+        return scale(dh), scale(dW), scale(db), *([None] * 8)
+
+
+def _chunked_torch_loss(hidden, weight, bias, tgt, cfg, need_entropy, token_inputs, masks):
+    from .linear_logprob import prepare_linear_inputs
+    h, w, safe_t, valid, inv_temp = prepare_linear_inputs(hidden, weight, tgt, bias, cfg["temperature"],
+                                                          cfg["ignore_index"], "torch")
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
+                                             (bias is not None and bias.requires_grad))
+    return _ChunkedTorchLoss.apply(h, w, bias, safe_t, valid, inv_temp, need_entropy, need_grad, token_inputs,
+                                   masks, cfg)
+
+
 def _weighted_sum(w, x):
     """sum(w * x) over the entries with w != 0 (so a NaN / inf where w == 0 never reaches the sum)."""
     return torch.where(w != 0, w * x, torch.zeros_like(x)).sum()
@@ -181,17 +259,12 @@ class FusedLinearDPHLoss(torch.nn.Module):
         device = hidden.device
         need_entropy = cfg["entropy_coef"] != 0 or cfg["log_entropy"]
         tgt = torch.where(tok, targets, torch.full_like(targets, cfg["ignore_index"]))
-        out = linear_logprob(hidden, weight, tgt, bias=bias, temperature=cfg["temperature"],
-                             ignore_index=cfg["ignore_index"], return_entropy=need_entropy, impl=cfg["impl"])
-        logp, entropy = out if need_entropy else (out, None)
-
-        # Inputs the math reads outside their own set are replaced by log pi_theta itself (ratio 1, finite), so
-        # padding (even NaN / -inf) never reaches a value or a gradient.
-        lp0 = logp.detach()
-        old = self._pick("old_logp", old_logp, tok_exp, lp0, (B, T))
-        refl = lp0 if exact else self._pick("ref_logp", ref_logp, tok_pef, lp0, (B, T))
-        oref = self._pick("online_ref_logp", online_ref_logp, tok_exp, lp0, (B, T)) if cfg["kl_beta"] else lp0
-        adv = torch.zeros_like(lp0)
+        # Inputs the math reads outside their own set are later replaced by log pi_theta itself (ratio 1, finite),
+        # so padding (even NaN / -inf) never reaches a value or a gradient.
+        old = self._pick("old_logp", old_logp, (B, T))
+        refl = None if exact else self._pick("ref_logp", ref_logp, (B, T))
+        oref = self._pick("online_ref_logp", online_ref_logp, (B, T)) if cfg["kl_beta"] else None
+        adv = torch.zeros((B, T), dtype=torch.float32, device=device)
         if advantages is not None:
             from .losses import broadcast_advantages
             adv = torch.where(tok_exp, broadcast_advantages(advantages, (B, T)).to(device, torch.float32), adv)
@@ -200,19 +273,34 @@ class FusedLinearDPHLoss(torch.nn.Module):
         w_exp = ref.aggregation_weights(tok_exp, cfg["loss_agg"], norm_exp, cfg["norm_length"])
         w_pef = cfg["eta"] * ref.aggregation_weights(tok_pef, cfg["loss_agg"], norm_pef, cfg["norm_length"])
         w_tok = torch.where(tok_pef, torch.zeros_like(w_pef) if exact else w_pef, w_exp)
-
         pef_tok_flag = tok_pef & (not exact)
-        flat = [x.reshape(-1).contiguous() for x in (logp, old, adv, refl, oref)]
-        if _checks.resolve_impl(cfg["impl"], device) == "triton":
-            contrib, ratio, flags, kl, div = _TritonTokenLoss.apply(*flat, pef_tok_flag.reshape(-1).to(torch.int8),
-                                                                    w_tok.reshape(-1).contiguous(), cfg)
+        token_inputs = [None if x is None else x.reshape(-1) for x in (old, adv, refl, oref)]
+        masks = [x.reshape(-1) for x in (tok_exp, pef_tok_flag, w_tok, w_exp)]
+
+        impl = _checks.resolve_impl(cfg["impl"], device)
+        if impl == "torch":
+            # CPU path: the gradient is computed in the forward pass, chunk by chunk (three matmuls, no recompute).
+            loss, logp, entropy, contrib, ratio, flags, kl, div = _chunked_torch_loss(
+                hidden, weight, bias, tgt, cfg, need_entropy, token_inputs, masks)
         else:
-            contrib, ratio, flags, kl, div = _torch_token_loss(*flat, pef_tok_flag.reshape(-1),
-                                                               w_tok.reshape(-1), cfg)
+            out = linear_logprob(hidden, weight, tgt, bias=bias, temperature=cfg["temperature"],
+                                 ignore_index=cfg["ignore_index"], return_entropy=need_entropy, impl=impl)
+            logp, entropy = out if need_entropy else (out, None)
+            flat_logp = logp.reshape(-1)
+            args = _fill_inputs(flat_logp, token_inputs, masks)
+            if impl == "triton":
+                contrib, ratio, flags, kl, div = _TritonTokenLoss.apply(
+                    flat_logp, *args, masks[1].to(torch.int8), masks[2].contiguous(), cfg)
+            else:
+                contrib, ratio, flags, kl, div = _torch_token_loss(flat_logp, *args, masks[1], masks[2], cfg)
+            loss = contrib.sum()
+            if cfg["entropy_coef"] != 0:
+                loss = loss - cfg["entropy_coef"] * _weighted_sum(w_exp, entropy)
         contrib, ratio, flags, kl, div = (x.reshape(B, T) for x in (contrib, ratio, flags, kl, div))
-        loss = contrib.sum()
-        if cfg["entropy_coef"] != 0:
-            loss = loss - cfg["entropy_coef"] * _weighted_sum(w_exp, entropy)
+        logp = logp.reshape(B, T).float() if hidden.dtype != torch.float64 else logp.reshape(B, T)
+        entropy = None if entropy is None else entropy.reshape(B, T)
+        lp0 = logp.detach()
+        old = lp0 if old is None else torch.where(tok_exp, old, lp0)  # for the metrics
         if exact and has_pef:
             from .linear_divergence import linear_f_divergence
             div = linear_f_divergence(hidden, weight, ref_hidden, ref_weight, kind=cfg["divergence"],
@@ -247,13 +335,13 @@ class FusedLinearDPHLoss(torch.nn.Module):
         return B, T, tok & ~is_pef[:, None], tok_pef, tok
 
     @staticmethod
-    def _pick(name, x, where, fallback, shape):
+    def _pick(name, x, shape):
         if x is None:
-            return fallback
-        _checks.check_tensor(name, x, device=fallback.device)
+            return None
+        _checks.check_tensor(name, x)
         if tuple(x.shape) != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
-        return torch.where(where, x.detach().to(torch.float32), fallback)
+        return x.detach().to(torch.float32)
 
     def _metrics(self, loss, contrib, logp, old, ratio, flags, kl, div, entropy, tok, tok_exp, tok_pef, is_pef,
                  w_pef, exact):

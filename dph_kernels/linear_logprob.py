@@ -47,68 +47,95 @@ def _chunk_logits(h, weight, bias, inv_temp, compute_dtype):
     return z.mul_(inv_temp)
 
 
+def chunk_stats(z, targets, with_entropy):
+    """(target logit, lse, S = sum_v p_v z_v or None) of a chunk's logits z; z itself is not changed."""
+    z_target = z.gather(1, targets[:, None]).squeeze(1)
+    if not with_entropy:
+        return z_target, torch.logsumexp(z, 1), None  # one fused pass, no [rows, V] writes
+    m = z.amax(1, keepdim=True)
+    zc = z - m
+    e = torch.exp(zc)
+    s = e.sum(1)
+    # sum_v p_v z_v = max + sum_v e_v (z_v - max) / s: centred, so no cancellation against a large max
+    m = m.squeeze(1)
+    return z_target, m + s.log(), m + torch.linalg.vecdot(e, zc) / s
+
+
+def chunk_dlogits_(z, targets, lse, S, g_logp, g_ent, inv_temp):
+    """Overwrite a chunk's logits z with d loss / d raw logits for per-row upstream gradients g_logp (on logp) and
+    g_ent (on the entropy, or None): dz = g_l (onehot - p) - g_H p (z - S), times 1/T. Returns z."""
+    gl = g_logp[:, None] * inv_temp  # the 1/T of dlogit = dz / T folded into the per-row factors
+    if g_ent is not None:
+        p = torch.exp(z - lse[:, None])
+        # entropy part: -g_H * p * (z - S), built in z's buffer
+        z.sub_(S[:, None]).mul_(p).mul_(-inv_temp * g_ent[:, None])
+        z.addcmul_(p, gl, value=-1.0)
+        del p
+    else:
+        z.sub_(lse[:, None]).exp_().mul_(-gl)  # -g_l * p, in place
+    return z.scatter_add_(1, targets[:, None], gl)  # + g_l * onehot
+
+
+def chunk_accumulate_grads(dz, hc, valid, weight, dh_out, dW, db):
+    """dh_out = dz @ W;  dW += dz.T @ h;  db += sum dz (fp32 accumulators). Ignored rows contribute nothing, even
+    when their hidden state is NaN/inf (0 * NaN is NaN): their dlogit rows and h rows are zeroed first."""
+    rows_valid = valid[:, None]
+    if not bool(rows_valid.all()):
+        dz.masked_fill_(~rows_valid, 0.0)
+        hc = torch.where(rows_valid, hc, 0.0)
+    dh_out.copy_(dz.to(hc.dtype) @ weight)
+    dW.addmm_(dz.T, hc.to(dW.dtype))
+    if db is not None:
+        db += dz.sum(0)
+
+
+def chunks(N, V, dtype):
+    """Row ranges whose [rows, V] buffer fits CHUNK_BYTES."""
+    step = _chunk_rows(V, torch.finfo(dtype).bits // 8)
+    return [slice(r0, min(N, r0 + step)) for r0 in range(0, N, step)]
+
+
+def compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grad_buffers(weight, bias, cdt):
+    dW = torch.zeros(weight.shape, dtype=cdt, device=weight.device)
+    db = torch.zeros(weight.shape[0], dtype=cdt, device=weight.device) if bias is not None else None
+    return dW, db
+
+
 def torch_forward(h, weight, bias, targets, valid, inv_temp, with_entropy):
     """h (N, D), targets (N,) already made safe (ignored -> 0). Returns logp, lse, S (or None): all (N,)."""
     N, V = h.shape[0], weight.shape[0]
-    cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
-    logp = torch.empty(N, dtype=cdt, device=h.device)
-    lse = torch.empty(N, dtype=cdt, device=h.device)
+    cdt = compute_dtype(h.dtype)
+    logp, lse = (torch.empty(N, dtype=cdt, device=h.device) for _ in range(2))
     S = torch.empty(N, dtype=cdt, device=h.device) if with_entropy else None
-    step = _chunk_rows(V, torch.finfo(cdt).bits // 8)
-    for r0 in range(0, N, step):
-        r1 = min(N, r0 + step)
-        z = _chunk_logits(h[r0:r1], weight, bias, inv_temp, cdt)
-        z_target = z.gather(1, targets[r0:r1, None]).squeeze(1)
+    for c in chunks(N, V, cdt):
+        z = _chunk_logits(h[c], weight, bias, inv_temp, cdt)
+        z_target, lse[c], s_c = chunk_stats(z, targets[c], with_entropy)
         if with_entropy:
-            m = z.amax(1, keepdim=True)
-            z.sub_(m)  # z - max, in place
-            e = torch.exp(z)
-            s = e.sum(1)
-            # sum_v p_v z_v = m + sum_v e_v (z_v - m) / s
-            S[r0:r1] = m.squeeze(1) + torch.linalg.vecdot(e, z) / s
-            lse[r0:r1] = m.squeeze(1) + s.log()
-        else:
-            lse[r0:r1] = torch.logsumexp(z, 1)  # one fused pass, no [rows, V] writes
-        logp[r0:r1] = z_target - lse[r0:r1]
+            S[c] = s_c
+        logp[c] = z_target - lse[c]
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     return logp, lse, S
 
 
 def torch_backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, inv_temp):
-    """Gradients of sum(g_logp * logp + g_ent * H) with respect to h, weight, bias (fp32 accumulation)."""
+    """Gradients of sum(g_logp * logp + g_ent * H) with respect to h, weight, bias (fp32 accumulation); recomputes
+    each chunk's logits."""
     N, V = h.shape[0], weight.shape[0]
     cdt = lse.dtype
     zero = torch.zeros((), dtype=cdt, device=h.device)
     g_logp = torch.where(valid, g_logp.to(cdt), zero)
     g_ent = None if g_ent is None else torch.where(valid, g_ent.to(cdt), zero)
     dh = torch.empty_like(h)
-    dW = torch.zeros(weight.shape, dtype=cdt, device=h.device)
-    db = torch.zeros(V, dtype=cdt, device=h.device) if bias is not None else None
-    step = _chunk_rows(V, torch.finfo(cdt).bits // 8)
-    for r0 in range(0, N, step):
-        r1 = min(N, r0 + step)
-        hc = h[r0:r1]
-        z = _chunk_logits(hc, weight, bias, inv_temp, cdt)
-        gl = g_logp[r0:r1, None] * inv_temp  # 1/T of dlogit = dz / T folded into the per-row factors
-        if g_ent is not None:
-            p = torch.exp(z - lse[r0:r1, None])
-            # entropy part: -g_H * p * (z - S), built in z's buffer
-            z.sub_(S[r0:r1, None]).mul_(p).mul_(-inv_temp * g_ent[r0:r1, None])
-            z.addcmul_(p, gl, value=-1.0)
-            del p
-        else:
-            z.sub_(lse[r0:r1, None]).exp_().mul_(-gl)  # -g_l * p, in place
-        z.scatter_add_(1, targets[r0:r1, None], gl)  # + g_l * onehot
-        rows_valid = valid[r0:r1, None]
-        if not bool(rows_valid.all()):
-            # Ignored rows contribute nothing, even when their hidden state is NaN/inf (0 * NaN is NaN): zero
-            # their dlogit rows and their h rows.
-            z.masked_fill_(~rows_valid, 0.0)
-            hc = torch.where(rows_valid, hc, 0.0)
-        dh[r0:r1] = z.to(h.dtype) @ weight
-        dW.addmm_(z.T, hc.to(cdt))
-        if db is not None:
-            db += z.sum(0)
+    dW, db = grad_buffers(weight, bias, cdt)
+    for c in chunks(N, V, cdt):
+        z = _chunk_logits(h[c], weight, bias, inv_temp, cdt)
+        dz = chunk_dlogits_(z, targets[c], lse[c], None if S is None else S[c], g_logp[c],
+                            None if g_ent is None else g_ent[c], inv_temp)
+        chunk_accumulate_grads(dz, h[c], valid[c], weight, dh[c], dW, db)
     return dh, dW.to(weight.dtype), None if db is None else db.to(bias.dtype)
 
 
@@ -154,6 +181,23 @@ class LinearLogprobFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def prepare_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, impl="torch"):
+    """Checks, then flat contiguous h (N, D), weight, safe targets (ignored -> 0), valid mask, 1 / temperature."""
+    N, D, V = _checks.check_linear_inputs(hidden, weight, targets, bias, allow_fp64=impl == "torch")
+    temperature = _checks.check_temperature(temperature)
+    if impl == "triton" and hidden.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"hidden has dtype {hidden.dtype}; impl='triton' supports float32, bfloat16, float16")
+    _checks.check_targets_range(targets, V, ignore_index)
+    h = hidden.reshape(N, D)
+    if not h.is_contiguous():
+        h = h.contiguous()
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    t = targets.reshape(N)
+    valid = t != ignore_index
+    safe_t = torch.where(valid, t, torch.zeros_like(t)).long()
+    return h, w, safe_t, valid, 1.0 / temperature
+
+
 def linear_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                    return_entropy=False, impl="auto"):
     """Per-token log pi(target) (and entropy) of softmax((hidden @ weight.T + bias) / temperature).
@@ -174,26 +218,17 @@ def linear_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         the other tokens' outputs untouched (the weight gradient is NaN if such a token has a nonzero gradient, as
         the math says).
     """
-    N, D, V = _checks.check_linear_inputs(hidden, weight, targets, bias, allow_fp64=impl in ("torch", "reference"))
-    temperature = _checks.check_temperature(temperature)
-    impl = _checks.resolve_impl(impl, hidden.device)
-    if impl == "triton" and hidden.dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"hidden has dtype {hidden.dtype}; impl='triton' supports float32, bfloat16, float16")
-    _checks.check_targets_range(targets, V, ignore_index)
-
+    impl = _checks.resolve_impl(impl, _checks.check_tensor("hidden", hidden).device)
     if impl == "reference":
-        out = _reference_linear_logprob(hidden, weight, targets, bias, temperature, ignore_index, return_entropy)
+        _checks.check_linear_inputs(hidden, weight, targets, bias, allow_fp64=True)
+        _checks.check_targets_range(targets, weight.shape[0], ignore_index)
+        out = _reference_linear_logprob(hidden, weight, targets, bias, _checks.check_temperature(temperature),
+                                        ignore_index, return_entropy)
         return tuple(o.float() for o in out) if return_entropy else out.float()
-
+    h, w, safe_t, valid, inv_temp = prepare_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index,
+                                                          impl)
     lead = targets.shape
-    h = hidden.reshape(N, D)
-    if not h.is_contiguous():
-        h = h.contiguous()
-    w = weight if weight.is_contiguous() else weight.contiguous()
-    t = targets.reshape(N)
-    valid = t != ignore_index
-    safe_t = torch.where(valid, t, torch.zeros_like(t)).long()
-    logp, entropy = LinearLogprobFunction.apply(h, w, bias, safe_t, valid, 1.0 / temperature, return_entropy, impl)
+    logp, entropy = LinearLogprobFunction.apply(h, w, bias, safe_t, valid, inv_temp, return_entropy, impl)
     if hidden.dtype != torch.float64:
         logp = logp.float()
     logp = logp.reshape(lead)
