@@ -142,16 +142,20 @@ class _ChunkedTorchLoss(torch.autograd.Function):
         loss = contrib.sum()
         if w_ent is not None:
             loss = loss + _weighted_sum(w_ent, entropy)
-        if need_grad:
-            ctx.save_for_backward(dh, dW.to(weight.dtype), None if db is None else db.to(bias.dtype))
+        if need_grad:  # kept on ctx, not saved: backward hands them out (scaled) exactly once
+            ctx.grads = (dh, dW.to(weight.dtype), None if db is None else db.to(bias.dtype))
         ctx.mark_non_differentiable(logp, contrib, ratio, flags, kl, div, *([entropy] if need_entropy else []))
         return loss, logp, entropy, contrib, ratio, flags, kl, div
 
     @staticmethod
     def backward(ctx, g_loss, *_):
-        dh, dW, db = ctx.saved_tensors
-        scale = lambda x: None if x is None else x * g_loss.to(x.dtype)  # noqa: E731
-        return scale(dh), scale(dW), scale(db), *([None] * 8)
+        if getattr(ctx, "grads", None) is None:
+            raise RuntimeError("FusedLinearDPHLoss (impl='torch') supports one backward per forward: its gradients "
+                               "are computed in the forward pass and handed out once")
+        grads, ctx.grads = ctx.grads, None
+        # In place: a second copy of dW would double this path's largest buffer.
+        dh, dW, db = (None if x is None else x.mul_(g_loss.to(x.dtype)) for x in grads)
+        return dh, dW, db, *([None] * 8)
 
 
 def _chunked_torch_loss(hidden, weight, bias, tgt, cfg, need_entropy, token_inputs, masks):

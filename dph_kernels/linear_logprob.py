@@ -25,8 +25,9 @@ from . import _checks
 from .reference import linear_logprob as _reference_linear_logprob
 
 # Budget for the chunked path's [rows, V] work buffer (one fp32 buffer plus at most two of the same size while the
-# entropy is on). 32 MiB keeps the extra memory a small fraction of the logits while each matmul stays large
-# enough to run at full speed.
+# entropy is on). Measured on 2 CPU cores at N=4096, D=512, V=32768, forward+backward: 16 MiB chunks take 1.35x the
+# time of 64 MiB ones, 32 MiB 1.1x, 128 MiB no less; 32 MiB keeps the peak extra memory of the fused loss under 15% of
+# the materializing eager code's (64 MiB: 17.5%).
 CHUNK_BYTES = 32 * 2**20
 
 
