@@ -9,8 +9,10 @@ entropy bonus) on their own advantages; rows with is_pef=True (D_pef) get only t
 stored reference log-probs. L = L_exp + eta * L_pef, each aggregated over its own rows with `loss_agg`.
 
 The pieces: one linear_logprob forward (no [tokens x vocab] logits); the per-token losses and their derivatives in
-one elementwise pass (a Triton kernel on the Triton path, reference.py's torch math elsewhere); one linear_logprob
-backward. Extra memory over linear_logprob is O(B * T).
+one elementwise pass (a Triton kernel on the Triton path); one linear_logprob backward. Extra memory over
+linear_logprob is O(B * T). On the chunked torch path (CPU) the gradient is computed during the forward pass instead,
+chunk by chunk, since each token's loss depends on its own log-prob only: three matmuls and no recompute, and one
+backward per forward.
 
 Differences from the released reference code (a verl 0.4.1 fork), all explicit here:
 * JS: the release optimises 2 x JS (it omits the 1/2); "js" here is the true JS. eta=0.2 on 2 x JS = eta=0.4 here.
