@@ -110,7 +110,7 @@ class _ChunkedTorchLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, safe_t, valid, inv_temp, need_entropy, need_grad, token_inputs, masks, cfg):
-        from .linear_logprob import (_chunk_logits, chunk_accumulate_grads, chunk_dlogits_, chunk_stats, chunks,
+        from .linear_logprob import (_chunk_logits, chunk_accumulate_grads, chunk_dlogits_, chunk_stats_, chunks,
                                      compute_dtype, grad_buffers)
         N, V = h.shape[0], weight.shape[0]
         cdt = compute_dtype(h.dtype)
@@ -122,7 +122,7 @@ class _ChunkedTorchLoss(torch.autograd.Function):
         w_ent = -cfg["entropy_coef"] * masks[3].to(cdt) if cfg["entropy_coef"] != 0 else None
         for c in chunks(N, V, cdt):
             z = _chunk_logits(h[c], weight, bias, inv_temp, cdt)
-            z_target, lse, S = chunk_stats(z, safe_t[c], need_entropy)
+            z_target, lse, S, e_scale = chunk_stats_(z, safe_t[c], need_entropy)
             zero = torch.zeros_like(lse)
             lp = torch.where(valid[c], z_target - lse, zero).detach().requires_grad_()
             logp[c] = lp.detach()
@@ -137,9 +137,11 @@ class _ChunkedTorchLoss(torch.autograd.Function):
             for k, v in zip(parts, out):
                 parts[k].append(v.detach())
             if need_grad:
-                dz = chunk_dlogits_(z, safe_t[c], lse, S, torch.where(valid[c], g_logp, zero),
+                dz = chunk_dlogits_(z, safe_t[c], lse, S, e_scale, torch.where(valid[c], g_logp, zero),
                                     None if w_ent is None else w_ent[c], inv_temp)
                 chunk_accumulate_grads(dz, h[c], valid[c], weight, dh[c], dW, db)
+                del dz
+            del z  # before the next chunk's buffer is allocated, not after: one [rows, V] buffer alive, not two
         contrib, ratio, flags, kl, div = (torch.cat(parts[k]) for k in parts)
         loss = contrib.sum()
         if w_ent is not None:

@@ -6,8 +6,10 @@ With r_v = log p_v - log q_v and phi_v = q_v u_v f'(u_v) (reference.f_generator'
     dD/dz_v   = phi_v - p_v C,                  C = sum_v phi_v
     dD/dz_r,v = q_v f(u_v) - phi_v - q_v (D - C)     (only when ref_requires_grad)
 
-Chunked torch path: rows in chunks; forward under no_grad, backward recomputes the chunk's logits and lets autograd
-differentiate reference.f_generator locally (so the torch form of the math exists once). Triton path: see
+Torch path: forward in row chunks holding whole rows (both log-softmaxes exact, D and C per row, no grad; the
+slope phi comes from autograd through reference.f_generator, elementwise, so the torch form of the math exists
+once); backward in [all rows, vocab chunk] tiles like linear_logprob's, recomputing both heads' log-probs from the
+saved log-sum-exps: six matmuls in all (eager autograd: four, but a dozen [N, V] passes more). Triton path: see
 linear_divergence_triton.py.
 """
 from __future__ import annotations
@@ -16,79 +18,97 @@ import torch
 
 from . import _checks
 from . import reference as ref
+from .linear_logprob import _tile_logits, compute_dtype, tiles
 from .losses import _check_kind
 
-# [rows, V] buffer budget for the chunked path: the generator and its local autograd hold ~a dozen buffers of that
-# size at once (4 MiB: 212 MiB peak extra at N=2048, D=512, V=32768 fp32, 8% of the reference; 8 MiB: 360 MiB).
-CHUNK_BYTES = 4 * 2**20
+# Forward: [rows, V] buffer budget (about eight such buffers live at once). Backward: [rows, vocab chunk] tiles of
+# TILE_BYTES (about eight live at once).
+CHUNK_BYTES = 16 * 2**20
+TILE_BYTES = 4 * 2**20
 
 
 def _chunk_rows(V):
     return max(1, CHUNK_BYTES // (V * 4))
 
 
-def _chunk_logits(h, weight, bias, rh, rweight, rbias, inv_temp, cdt):
-    """Both heads' scaled logits for a chunk of rows, fp32 / fp64."""
-    z = ref.scaled_logits(h, weight, bias, 1.0).to(cdt) * inv_temp
-    zr = ref.scaled_logits(rh, rweight, rbias, 1.0).to(cdt) * inv_temp
-    return z, zr
-
-
-def _div_from_logits(z, zr, kind, alpha):
-    log_p = torch.log_softmax(z, -1)
-    log_q = torch.log_softmax(zr, -1)
-    return ref.f_generator(log_p - log_q, kind, alpha, log_weight=log_q).sum(-1)
+def _generator_and_slope(log_ratio, log_q, kind, alpha, g=None):
+    """q f(u) and its derivative in the log-ratio r (phi = q u f'(u)), elementwise, times the per-row g if given."""
+    with torch.enable_grad():
+        r = log_ratio.detach().requires_grad_()
+        val = ref.f_generator(r, kind, alpha, log_weight=log_q)
+        up = torch.ones_like(val) if g is None else g[:, None].expand_as(val)
+        (slope,) = torch.autograd.grad(val, r, up)
+    return val.detach(), slope
 
 
 def torch_forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha):
+    """Returns D (N,) and, for backward, (lse_p, lse_q, D, C) with C = sum_v phi_v."""
     N, V = h.shape[0], weight.shape[0]
-    cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
-    out = torch.empty(N, dtype=cdt, device=h.device)
+    cdt = compute_dtype(h.dtype)
+    lse_p, lse_q, div, C = (torch.empty(N, dtype=cdt, device=h.device) for _ in range(4))
     step = _chunk_rows(V)
+    everything = slice(0, V)
     with torch.no_grad():
         for r0 in range(0, N, step):
             sl = slice(r0, min(N, r0 + step))
-            z, zr = _chunk_logits(h[sl], weight, bias, rh[sl], rweight, rbias, inv_temp, cdt)
-            out[sl] = _div_from_logits(z, zr, kind, alpha)
-    return torch.where(valid, out, torch.zeros_like(out))
+            log_p = _tile_logits(h[sl], weight, bias, everything, inv_temp, cdt)
+            lse_p[sl] = torch.logsumexp(log_p, -1)
+            log_p -= lse_p[sl, None]
+            log_q = _tile_logits(rh[sl], rweight, rbias, everything, inv_temp, cdt)
+            lse_q[sl] = torch.logsumexp(log_q, -1)
+            log_q -= lse_q[sl, None]
+            val, slope = _generator_and_slope(log_p.sub_(log_q), log_q, kind, alpha)  # log_p now holds r
+            div[sl], C[sl] = val.sum(-1), slope.sum(-1)
+            del log_p, log_q, val, slope  # freed before the next chunk's buffers are allocated
+    zero = torch.zeros((), dtype=cdt, device=h.device)
+    div = torch.where(valid, div, zero)
+    return div, (lse_p, lse_q, div, C)
 
 
-def torch_backward(h, weight, bias, rh, rweight, rbias, valid, g, inv_temp, kind, alpha, need_ref):
+def torch_backward(h, weight, bias, rh, rweight, rbias, valid, stats, g, inv_temp, kind, alpha, need_ref):
+    """dD/dz_v = phi_v - p_v C and dD/dz_r,v = q_v f(u_v) - phi_v - q_v (D - C), times g, tile by tile."""
+    lse_p, lse_q, div, C = stats
     N, V = h.shape[0], weight.shape[0]
-    cdt = torch.float64 if h.dtype == torch.float64 else torch.float32
-    g = torch.where(valid, g.to(cdt), torch.zeros((), dtype=cdt, device=h.device))
-    dh, dW = torch.zeros_like(h), torch.zeros(weight.shape, dtype=cdt, device=h.device)
+    cdt = lse_p.dtype
+    zero = torch.zeros((), dtype=cdt, device=h.device)
+    g = torch.where(valid, g.to(cdt), zero)
+    if not bool(valid.all()):
+        # Ignored rows may hold NaN/inf (0 * NaN is NaN): zero hidden states and finite statistics.
+        vm = valid[:, None]
+        h, rh = torch.where(vm, h, 0.0), torch.where(vm, rh, 0.0)
+        lse_p, lse_q, div, C = (torch.where(valid, x, zero) for x in (lse_p, lse_q, div, C))
+    gC, gDC = g * C, g * (div - C)
+    dh = torch.zeros(h.shape, dtype=cdt, device=h.device)
+    dW = torch.zeros(weight.shape, dtype=cdt, device=h.device)
     db = torch.zeros(V, dtype=cdt, device=h.device) if bias is not None else None
     if need_ref:
-        drh, drW = torch.zeros_like(rh), torch.zeros(rweight.shape, dtype=cdt, device=h.device)
+        drh = torch.zeros(rh.shape, dtype=cdt, device=h.device)
+        drW = torch.zeros(rweight.shape, dtype=cdt, device=h.device)
         drb = torch.zeros(V, dtype=cdt, device=h.device) if rbias is not None else None
-    step = _chunk_rows(V)
-    for r0 in range(0, N, step):
-        sl = slice(r0, min(N, r0 + step))
-        vmask = valid[sl, None]
-        with torch.no_grad():
-            z, zr = _chunk_logits(h[sl], weight, bias, rh[sl], rweight, rbias, inv_temp, cdt)
-        z.requires_grad_()
-        zr.requires_grad_(need_ref)
-        with torch.enable_grad():
-            div = _div_from_logits(z, zr, kind, alpha)
-            grads = torch.autograd.grad(div, [z, zr] if need_ref else [z], grad_outputs=g[sl])
-        # d loss / d raw logits, ignored rows zeroed by where (their NaNs stay out)
-        dz = torch.where(vmask, grads[0] * inv_temp, 0.0)
-        hc = torch.where(vmask, h[sl], 0.0)
-        dh[sl] = dz.to(h.dtype) @ weight
-        dW.addmm_(dz.T, hc.to(cdt))
-        if db is not None:
-            db += dz.sum(0)
-        if need_ref:
-            dzr = torch.where(vmask, grads[1] * inv_temp, 0.0)
-            drh[sl] = dzr.to(rh.dtype) @ rweight
-            drW.addmm_(dzr.T, torch.where(vmask, rh[sl], 0.0).to(cdt))
-            if drb is not None:
-                drb += dzr.sum(0)
-    out = [dh, dW.to(weight.dtype), None if db is None else db.to(bias.dtype)]
+    row_blocks, vocab_chunks = tiles(N, V, torch.finfo(cdt).bits // 8, TILE_BYTES)
+    for rb in row_blocks:
+        hb, rhb = h[rb], rh[rb]
+        hb_c, rhb_c = hb.to(cdt) * inv_temp, rhb.to(cdt) * inv_temp
+        for vc in vocab_chunks:
+            log_p = _tile_logits(hb, weight, bias, vc, inv_temp, cdt, -lse_p[rb, None])
+            log_q = _tile_logits(rhb, rweight, rbias, vc, inv_temp, cdt, -lse_q[rb, None])
+            val, slope = _generator_and_slope(log_p - log_q, log_q, kind, alpha, g[rb])
+            dz = slope - log_p.exp_().mul_(gC[rb, None])  # g (phi - p C)
+            dh[rb].addmm_(dz, weight[vc].to(cdt))
+            dW[vc].addmm_(dz.T, hb_c)
+            if db is not None:
+                db[vc] += dz.sum(0) * inv_temp
+            if need_ref:  # g (q f - phi - q (D - C))
+                dzr = (val * g[rb, None]).sub_(slope).sub_(log_q.exp_().mul_(gDC[rb, None]))
+                drh[rb].addmm_(dzr, rweight[vc].to(cdt))
+                drW[vc].addmm_(dzr.T, rhb_c)
+                if drb is not None:
+                    drb[vc] += dzr.sum(0) * inv_temp
+                del dzr
+            del log_p, log_q, val, slope, dz  # freed before the next tile's buffers are allocated
+    out = [(dh * inv_temp).to(h.dtype), dW.to(weight.dtype), None if db is None else db.to(bias.dtype)]
     if need_ref:
-        out += [drh, drW.to(rweight.dtype), None if drb is None else drb.to(rbias.dtype)]
+        out += [(drh * inv_temp).to(rh.dtype), drW.to(rweight.dtype), None if drb is None else drb.to(rbias.dtype)]
     else:
         out += [None, None, None]
     return out
@@ -101,7 +121,7 @@ class LinearFDivergenceFunction(torch.autograd.Function):
             from . import linear_divergence_triton as tk
             div, stats = tk.forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha)
         else:
-            div, stats = torch_forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha), None
+            div, stats = torch_forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha)
         ctx.save_for_backward(h, weight, bias, rh, rweight, rbias, valid, div, *(stats or ()))
         ctx.args = (inv_temp, kind, alpha, impl)
         return div
@@ -116,7 +136,8 @@ class LinearFDivergenceFunction(torch.autograd.Function):
             grads = tk.backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, inv_temp, kind, alpha,
                                 need_ref)
         else:
-            grads = torch_backward(h, weight, bias, rh, rweight, rbias, valid, g, inv_temp, kind, alpha, need_ref)
+            grads = torch_backward(h, weight, bias, rh, rweight, rbias, valid, stats, g, inv_temp, kind, alpha,
+                                   need_ref)
         return (*grads, None, None, None, None, None)
 
 

@@ -1,7 +1,7 @@
 """Fused linear log-prob: per-token log pi(y_t) and entropy straight from hidden states and the lm_head weight.
 
     z      = (h @ W.T + b) / T                      (never stored: [N, V])
-    lse    = logsumexp(z)                           (saved: N floats)
+    lse    = logsumexp(z)                           (saved per row; the torch path keeps it as shift + log(sum))
     logp   = z[y] - lse
     H      = lse - S,   S = sum_v p_v z_v           (S saved when the entropy is asked for)
 
@@ -10,9 +10,11 @@ Backward, for upstream gradients g_l (on logp) and g_H (on H), per logit:
     dlogit = dz / T;   dh = dlogit @ W;   dW = dlogit.T @ h;   db = sum_rows dlogit
 
 Two implementations share that math:
-* chunked torch (CPU and anywhere): rows in chunks whose [chunk, V] buffer stays under a fixed budget; the softmax
-  and its gradient are done in place in that buffer; backward recomputes the chunk's logits (a fourth matmul) rather
-  than keeping [N, V] alive between forward and backward.
+* tiled torch (CPU and anywhere): [row block, vocab chunk] tiles of TILE_BYTES. Forward sums exp(z - shift) over
+  the chunks with a fixed per-row shift (see _block_sums); backward recomputes each tile's logits (a fourth matmul)
+  rather than keeping [N, V] alive between forward and backward, and folds the upstream gradient into h so that a
+  tile costs one exp pass. The fused loss (fused.py) uses the row-chunk helpers below instead: it knows its upstream
+  gradient during the forward pass, so it needs no recompute.
 * Triton (CUDA; also runs under TRITON_INTERPRET=1): forward streams vocab tiles with an online max / sum-exp /
   sum p*z, split over vocab ranges for occupancy and merged in torch; backward recomputes each (rows x vocab) tile
   and scatters dh and dW with fp32 atomics.
@@ -24,11 +26,18 @@ import torch
 from . import _checks
 from .reference import linear_logprob as _reference_linear_logprob
 
-# Budget for the chunked path's [rows, V] work buffer (one fp32 buffer plus at most two of the same size while the
-# entropy is on). Measured on 2 CPU cores at N=4096, D=512, V=32768, forward+backward: 16 MiB chunks take 1.35x the
-# time of 64 MiB ones, 32 MiB 1.1x, 128 MiB no less; 32 MiB keeps the peak extra memory of the fused loss under 15% of
-# the materializing eager code's (64 MiB: 17.5%).
+# Budget for the row-chunk helpers' [rows, V] work buffer, used by the fused loss's torch path (one fp32 buffer plus
+# at most two of the same size while the entropy is on). Measured on 2 CPU cores at N=4096, D=512, V=32768,
+# forward+backward: 16 MiB chunks take 1.35x the time of 64 MiB ones, 32 MiB 1.1x, 128 MiB no less; 32 MiB keeps the
+# peak extra memory of the fused loss under 15% of the materializing eager code's (64 MiB: 17.5%).
 CHUNK_BYTES = 32 * 2**20
+
+# linear_logprob's own torch path works in [row block, vocab chunk] tiles of TILE_BYTES (see tiles()): 8 MiB stays in
+# a CPU's last-level cache between the matmul that writes a tile and the passes that read it, and a few thousand rows
+# per tile keep the matmuls as fast as one big one (2 cores, N=4096, D=512, V=32768: 0.78-0.88 s per matmul in
+# 512-4096-column chunks vs 0.94 s unchunked and 1.17 s in 256-row chunks).
+TILE_BYTES = 8 * 2**20
+MIN_TILE_COLS = 512
 
 
 def _chunk_rows(V: int, itemsize: int = 4) -> int:
@@ -48,25 +57,32 @@ def _chunk_logits(h, weight, bias, inv_temp, compute_dtype):
     return z.mul_(inv_temp)
 
 
-def chunk_stats(z, targets, with_entropy):
-    """(target logit, lse, S = sum_v p_v z_v or None) of a chunk's logits z; z itself is not changed."""
+def chunk_stats_(z, targets, with_entropy):
+    """(target logit, lse, S = sum_v p_v z_v or None, e_scale) of a chunk's logits z. Without the entropy z is
+    overwritten with e = exp(z - max), P = e * e_scale, which is all chunk_dlogits_ needs (no second [rows, V]
+    buffer, no second exp); with it z is left as is and e_scale is None."""
     z_target = z.gather(1, targets[:, None]).squeeze(1)
-    if not with_entropy:
-        return z_target, torch.logsumexp(z, 1), None  # one fused pass, no [rows, V] writes
     m = z.amax(1, keepdim=True)
+    if not with_entropy:
+        s = z.sub_(m).exp_().sum(1)
+        return z_target, m.squeeze(1) + s.log(), None, 1.0 / s
     zc = z - m
     e = torch.exp(zc)
     s = e.sum(1)
     # sum_v p_v z_v = max + sum_v e_v (z_v - max) / s: centred, so no cancellation against a large max
     m = m.squeeze(1)
-    return z_target, m + s.log(), m + torch.linalg.vecdot(e, zc) / s
+    return z_target, m + s.log(), m + torch.linalg.vecdot(e, zc) / s, None
 
 
-def chunk_dlogits_(z, targets, lse, S, g_logp, g_ent, inv_temp):
-    """Overwrite a chunk's logits z with d loss / d raw logits for per-row upstream gradients g_logp (on logp) and
-    g_ent (on the entropy, or None): dz = g_l (onehot - p) - g_H p (z - S), times 1/T. Returns z."""
+def chunk_dlogits_(z, targets, lse, S, e_scale, g_logp, g_ent, inv_temp):
+    """Overwrite a chunk's buffer z (as chunk_stats_ left it) with d loss / d raw logits for per-row upstream
+    gradients g_logp (on logp) and g_ent (on the entropy, or None): dz = g_l (onehot - p) - g_H p (z - S), times 1/T.
+    Returns z."""
     gl = g_logp[:, None] * inv_temp  # the 1/T of dlogit = dz / T folded into the per-row factors
-    if g_ent is not None:
+    if e_scale is not None:  # z holds e = P / e_scale
+        assert g_ent is None, "an entropy gradient needs chunk_stats_(..., with_entropy=True)"
+        z.mul_(-gl * e_scale[:, None])
+    elif g_ent is not None:
         p = torch.exp(z - lse[:, None])
         # entropy part: -g_H * p * (z - S), built in z's buffer
         z.sub_(S[:, None]).mul_(p).mul_(-inv_temp * g_ent[:, None])
@@ -106,37 +122,162 @@ def grad_buffers(weight, bias, cdt):
     return dW, db
 
 
+def tiles(N, V, itemsize, tile_bytes=None):
+    """(row blocks, vocab chunks) of the tiled torch paths: a [rows, cols] tile fits tile_bytes (default TILE_BYTES),
+    with as many rows as allow cols >= MIN_TILE_COLS (one row block up to a few thousand tokens, so each vocab
+    chunk's dW slice is written once)."""
+    budget = max(1, (tile_bytes or TILE_BYTES) // itemsize)
+    rows = min(N, max(1, budget // MIN_TILE_COLS))
+    cols = min(V, max(1, budget // rows))
+    return ([slice(r, min(N, r + rows)) for r in range(0, N, rows)],
+            [slice(v, min(V, v + cols)) for v in range(0, V, cols)])
+
+
+def _tile_logits(h, weight, bias, vc, inv_temp, cdt, neg_shift=None):
+    """(h @ W[vc].T + b[vc]) / T - shift for one tile, in cdt (fp32 / fp64); neg_shift is (rows, 1) or None.
+    fp32 / fp64 inputs take one addmm, which writes the shifted tile in one pass."""
+    if weight.dtype != cdt:  # bf16 / fp16: the product in the input dtype, the rest in fp32
+        z = h @ weight[vc].T
+        if bias is not None:
+            z += bias[vc]
+        z = z.to(cdt)
+        if inv_temp != 1.0:
+            z.mul_(inv_temp)
+        return z if neg_shift is None else z.add_(neg_shift)
+    base = None if bias is None else bias[vc] * inv_temp
+    if neg_shift is not None:
+        base = neg_shift if base is None else base + neg_shift
+    if base is None:
+        z = h @ weight[vc].T
+        return z.mul_(inv_temp) if inv_temp != 1.0 else z
+    return torch.addmm(base, h, weight[vc].T, alpha=inv_temp)
+
+
+def _block_sums(hb, tb, weight, bias, vocab_chunks, inv_temp, cdt, with_entropy, shift=None):
+    """One row block's pass over the vocabulary with y = z - shift: returns shift, sum_v exp(y), sum_v exp(y) y (or
+    None) and y at the target. shift defaults to the first chunk's row max: a logit of the row, so the sum is >= 1
+    (no underflow) and no running max or rescaling is needed; a later logit above shift + ~88 overflows the fp32 sum
+    to inf, which the caller detects."""
+    rows = hb.shape[0]
+    total = torch.zeros(rows, dtype=cdt, device=hb.device)
+    moment = torch.zeros(rows, dtype=cdt, device=hb.device) if with_entropy else None
+    y_target = torch.zeros(rows, dtype=cdt, device=hb.device)
+    neg_shift = None if shift is None else -shift[:, None]
+    for vc in vocab_chunks:
+        y = _tile_logits(hb, weight, bias, vc, inv_temp, cdt, neg_shift)
+        if neg_shift is None:
+            shift = y.amax(1)
+            neg_shift = -shift[:, None]
+            y.add_(neg_shift)
+        local = tb - vc.start
+        inside = (local >= 0) & (local < y.shape[1])
+        y_target += torch.where(inside, y.gather(1, local.clamp(0, y.shape[1] - 1)[:, None]).squeeze(1), 0.0)
+        if with_entropy:
+            e = torch.exp(y)
+            moment += torch.linalg.vecdot(e, y)
+            total += e.sum(1)
+            del e
+        else:
+            total += y.exp_().sum(1)
+        del y  # freed before the next tile is allocated
+    return shift, total, moment, y_target
+
+
 def torch_forward(h, weight, bias, targets, valid, inv_temp, with_entropy):
-    """h (N, D), targets (N,) already made safe (ignored -> 0). Returns logp, lse, S (or None): all (N,)."""
+    """h (N, D), targets (N,) already made safe (ignored -> 0). Returns logp, entropy (or None) and what backward
+    needs: the per-row shift and sum_v exp(z - shift), kept apart rather than merged into one rounded lse so that
+    backward's P = exp(z - shift) / sum stays exact to the last bit even for large logits.
+
+    Per row block one pass over the vocabulary chunks (_block_sums); rows whose sum overflowed are redone with their
+    true max as the shift (an extra pass over their logits)."""
     N, V = h.shape[0], weight.shape[0]
     cdt = compute_dtype(h.dtype)
-    logp, lse = (torch.empty(N, dtype=cdt, device=h.device) for _ in range(2))
-    S = torch.empty(N, dtype=cdt, device=h.device) if with_entropy else None
-    for c in chunks(N, V, cdt):
-        z = _chunk_logits(h[c], weight, bias, inv_temp, cdt)
-        z_target, lse[c], s_c = chunk_stats(z, targets[c], with_entropy)
-        if with_entropy:
-            S[c] = s_c
-        logp[c] = z_target - lse[c]
-    logp = torch.where(valid, logp, torch.zeros_like(logp))
-    return logp, lse, S
-
-
-def torch_backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, inv_temp):
-    """Gradients of sum(g_logp * logp + g_ent * H) with respect to h, weight, bias (fp32 accumulation); recomputes
-    each chunk's logits."""
-    N, V = h.shape[0], weight.shape[0]
-    cdt = lse.dtype
+    logp, shift, total = (torch.empty(N, dtype=cdt, device=h.device) for _ in range(3))
+    entropy = torch.empty(N, dtype=cdt, device=h.device) if with_entropy else None
+    row_blocks, vocab_chunks = tiles(N, V, torch.finfo(cdt).bits // 8)
+    for rb in row_blocks:
+        hb, tb = h[rb], targets[rb]
+        sums = _block_sums(hb, tb, weight, bias, vocab_chunks, inv_temp, cdt, with_entropy)
+        over = torch.isposinf(sums[1]).nonzero().squeeze(1)
+        if over.numel():
+            true_max = torch.stack([_tile_logits(hb[over], weight, bias, vc, inv_temp, cdt).amax(1)
+                                    for vc in vocab_chunks]).amax(0)
+            redone = _block_sums(hb[over], tb[over], weight, bias, vocab_chunks, inv_temp, cdt, with_entropy,
+                                 true_max)
+            for mine, fixed in zip(sums, redone):
+                if mine is not None:
+                    mine[over] = fixed
+        shift_b, total_b, moment, y_target = sums
+        shift[rb], total[rb] = shift_b, total_b
+        log_total = total_b.log()
+        logp[rb] = y_target - log_total
+        if with_entropy:  # H = lse - sum p z = log(total) - sum p (z - shift)
+            entropy[rb] = log_total - moment / total_b
     zero = torch.zeros((), dtype=cdt, device=h.device)
-    g_logp = torch.where(valid, g_logp.to(cdt), zero)
-    g_ent = None if g_ent is None else torch.where(valid, g_ent.to(cdt), zero)
+    logp = torch.where(valid, logp, zero)
+    if with_entropy:
+        entropy = torch.where(valid, entropy, zero)
+    return logp, entropy, (shift, total)
+
+
+def torch_backward(h, weight, bias, targets, valid, shift, total, entropy, g_logp, g_ent, inv_temp):
+    """Gradients of sum(g_logp * logp + g_ent * H) with respect to h, weight, bias (fp32 accumulation); recomputes
+    each tile's logits, shifted as in the forward pass: e = exp(z - shift), P = e / total.
+
+    With Q = P * (g_l + g_H (H + log P)) (the dz formula above, regrouped), the gradient of the raw logits is
+    (g_l onehot - Q) / T:
+        dW = (scatter of g_l h at the targets - Q.T @ h) / T,   dh = (g_l W[y] - Q @ W) / T,   db likewise.
+    Q = e * (a + b (z - shift)) with per-row a, b; without the entropy b = 0 and a is folded into h (and into dh after
+    the loop) rather than into the tile, which saves an elementwise pass over it."""
+    N, D = h.shape
+    V = weight.shape[0]
+    cdt = shift.dtype
+    zero = torch.zeros((), dtype=cdt, device=h.device)
+    g_l = torch.where(valid, g_logp.to(cdt), zero)
+    h_safe = h
+    if not bool(valid.all()):
+        # Ignored rows may hold NaN/inf (0 * NaN is NaN): zero hidden states, and a huge shift makes their e rows 0.
+        h_safe = torch.where(valid[:, None], h, 0.0)
+        shift = torch.where(valid, shift, 1e30)
+        total = torch.where(valid, total, 1.0)
     dh = torch.empty_like(h)
     dW, db = grad_buffers(weight, bias, cdt)
-    for c in chunks(N, V, cdt):
-        z = _chunk_logits(h[c], weight, bias, inv_temp, cdt)
-        dz = chunk_dlogits_(z, targets[c], lse[c], None if S is None else S[c], g_logp[c],
-                            None if g_ent is None else g_ent[c], inv_temp)
-        chunk_accumulate_grads(dz, h[c], valid[c], weight, dh[c], dW, db)
+    wide = weight.dtype != cdt  # bf16 / fp16: the tile's products with W are done in fp32
+    row_blocks, vocab_chunks = tiles(N, V, torch.finfo(cdt).bits // 8)
+    for rb in row_blocks:
+        hb, gl_b, total_b = h_safe[rb], g_l[rb], total[rb]
+        neg_shift = -shift[rb, None]
+        if g_ent is None:
+            row_scale = gl_b / total_b  # Q = row_scale * e
+            left = hb.to(cdt) * (row_scale * inv_temp)[:, None]
+        else:
+            gH = torch.where(valid[rb], g_ent[rb].to(cdt), zero)
+            H_b = torch.where(valid[rb], entropy[rb], zero)
+            a = ((gl_b + gH * (H_b - total_b.log())) / total_b)[:, None]
+            b = (gH / total_b)[:, None]
+            left = hb.to(cdt) * inv_temp
+        QW = torch.zeros(hb.shape, dtype=cdt, device=h.device)  # sum over chunks of Q @ W (of e @ W without H)
+        for vc in vocab_chunks:
+            y = _tile_logits(hb, weight, bias, vc, inv_temp, cdt, neg_shift)
+            if g_ent is None:
+                Q = y.exp_()
+            else:
+                Q = torch.exp(y)
+                Q.mul_(y.mul_(b).add_(a))
+            w_c = weight[vc].to(cdt) if wide else weight[vc]
+            QW.addmm_(Q, w_c)
+            dW[vc].addmm_(Q.T, left, alpha=-1.0)
+            if db is not None:
+                db[vc] -= Q.sum(0) * inv_temp if g_ent is not None else Q.T @ (row_scale * inv_temp)
+            del Q, y  # freed before the next tile is allocated
+        tb = targets[rb]
+        if g_ent is None:
+            QW.mul_(row_scale[:, None])
+        dh_b = (weight[tb].to(cdt) * gl_b[:, None]).sub_(QW).mul_(inv_temp)
+        dh[rb] = dh_b.to(h.dtype)
+        dW.index_add_(0, tb, hb.to(cdt) * (gl_b * inv_temp)[:, None])
+        if db is not None:
+            db.index_add_(0, tb, gl_b * inv_temp)
     return dh, dW.to(weight.dtype), None if db is None else db.to(bias.dtype)
 
 
@@ -153,27 +294,26 @@ class LinearLogprobFunction(torch.autograd.Function):
         if impl == "triton":
             from . import linear_logprob_triton as tk
             logp, lse, S = tk.forward(h, weight, bias, targets, valid, inv_temp, with_entropy)
+            entropy = torch.where(valid, lse - S, torch.zeros_like(lse)) if with_entropy else None
+            stats = (lse, S)
         else:
-            logp, lse, S = torch_forward(h, weight, bias, targets, valid, inv_temp, with_entropy)
-        ctx.save_for_backward(h, weight, bias, targets, valid, lse, S)
+            logp, entropy, stats = torch_forward(h, weight, bias, targets, valid, inv_temp, with_entropy)
+        ctx.save_for_backward(h, weight, bias, targets, valid, entropy, *stats)
         ctx.inv_temp, ctx.impl = inv_temp, impl
-        ctx.mark_non_differentiable(lse)
-        entropy = None
-        if with_entropy:
-            entropy = torch.where(valid, lse - S, torch.zeros_like(lse))
         return logp, entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        h, weight, bias, targets, valid, lse, S = ctx.saved_tensors
+        h, weight, bias, targets, valid, entropy, *stats = ctx.saved_tensors
         if g_logp is None:
-            g_logp = torch.zeros_like(lse)
+            g_logp = torch.zeros(h.shape[0], dtype=stats[0].dtype, device=h.device)
         if ctx.impl == "triton":
             from . import linear_logprob_triton as tk
-            dh, dW, db = tk.backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, ctx.inv_temp,
+            dh, dW, db = tk.backward(h, weight, bias, targets, valid, *stats, g_logp, g_ent, ctx.inv_temp,
                                      need_weight_grad=ctx.needs_input_grad[1])
         else:
-            dh, dW, db = torch_backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, ctx.inv_temp)
+            dh, dW, db = torch_backward(h, weight, bias, targets, valid, *stats, entropy, g_logp, g_ent,
+                                        ctx.inv_temp)
         return dh, dW, db, None, None, None, None, None
 
 

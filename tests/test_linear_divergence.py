@@ -72,6 +72,29 @@ def test_reference_side_gradients(kind, impl):
     check(kind, impl, ref_grad=True, seed=20, temperature=1.0)
 
 
+@pytest.mark.parametrize("kind", ["fkl", "js", "tv"])
+def test_torch_path_many_chunks_and_tiles(kind, monkeypatch):
+    import sys
+    lp, ld = sys.modules["dph_kernels.linear_logprob"], sys.modules["dph_kernels.linear_divergence"]
+    monkeypatch.setattr(ld, "CHUNK_BYTES", 5 * 301 * 4)  # forward: 5 rows per chunk, 21 rows
+    monkeypatch.setattr(ld, "TILE_BYTES", 8 * 64 * 4)  # backward: 3 row blocks x 5 vocab chunks
+    monkeypatch.setattr(lp, "MIN_TILE_COLS", 64)
+    assert [len(x) for x in lp.tiles(21, 301, 4, ld.TILE_BYTES)] == [3, 5]
+    check(kind, "torch", ref_grad=True, seed=40, temperature=1.1)
+
+
+def test_torch_path_ignored_nan_rows_stay_out():
+    (h, w, b, rh, rw, rb), mask = make_heads(seed=41)
+    h[0, 1, 3], rh[1, 2, 0] = float("nan"), float("inf")
+    mask[0, 1], mask[1, 2] = False, False
+    h.requires_grad_()
+    w.requires_grad_()
+    out = dk.linear_f_divergence(h, w, rh, rw, kind="js", bias=b, ref_bias=rb, mask=mask, impl="torch")
+    assert torch.isfinite(out).all() and out[0, 1] == 0 and out[1, 2] == 0
+    out.sum().backward()
+    assert torch.isfinite(w.grad).all() and torch.isfinite(h.grad).all()
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_bf16(impl):
     check("js", impl, dtype=torch.bfloat16, seed=30)

@@ -25,8 +25,10 @@ def make_problem(lead, D, V, dtype, *, bias=False, seed=0, ignore_frac=0.15, dev
             None if b is None else b.to(dtype=dtype, **to), targets.to(**to))
 
 
-def check_against_truth(impl, lead, D, V, dtype, *, bias, temperature, entropy, seed=0):
+def check_against_truth(impl, lead, D, V, dtype, *, bias, temperature, entropy, seed=0, big_logit_at=None):
     hidden, weight, b, targets = make_problem(lead, D, V, dtype, bias=bias, seed=seed)
+    if big_logit_at is not None:  # one vocabulary entry ~150 nats above the rest in every row
+        b[big_logit_at] += 150.0
     g = torch.Generator().manual_seed(seed + 1)
     # Non-uniform upstream gradients, one per token and per output.
     upstream = [torch.randn(lead, generator=g).to(hidden.device) for _ in range(2 if entropy else 1)]
@@ -72,7 +74,25 @@ def test_several_chunks_and_vocab_blocks(impl, monkeypatch):
     import sys
     module = sys.modules["dph_kernels.linear_logprob"]
     monkeypatch.setattr(module, "CHUNK_BYTES", 8 * 300 * 4)
+    # tiles of 20 rows x 64 columns: 4 row blocks (the last one short) x 5 vocab chunks (the last one short)
+    monkeypatch.setattr(module, "TILE_BYTES", 20 * 64 * 4)
+    monkeypatch.setattr(module, "MIN_TILE_COLS", 64)
+    assert [len(x) for x in module.tiles(70, 300, 4)] == [4, 5]
     check_against_truth(impl, (70,), 40, 300, torch.float32, bias=True, temperature=1.3, entropy=True, seed=5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_logit_far_above_the_first_chunk(impl, entropy, monkeypatch):
+    # The tiled torch path shifts by the first vocab chunk's row max; a later logit 150 nats higher overflows that
+    # sum (e^150 > fp32 max) and the rows must be redone with their true max. Logits this large also test that
+    # backward's softmax is not rounded through an lse of ~150 (fp32 ulp 1.5e-5).
+    import sys
+    module = sys.modules["dph_kernels.linear_logprob"]
+    monkeypatch.setattr(module, "TILE_BYTES", 20 * 64 * 4)
+    monkeypatch.setattr(module, "MIN_TILE_COLS", 64)
+    check_against_truth(impl, (45,), 24, 300, torch.float32, bias=True, temperature=1.0, entropy=entropy,
+                        seed=11, big_logit_at=250)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -137,10 +157,16 @@ def test_large_vocab_smoke():
 
 
 def test_torch_path_memory_is_bounded_by_a_chunk():
-    from dph_kernels.linear_logprob import CHUNK_BYTES, _chunk_rows
+    from dph_kernels.linear_logprob import CHUNK_BYTES, MIN_TILE_COLS, TILE_BYTES, _chunk_rows, tiles
     V = 50000
     assert _chunk_rows(V) * V * 4 <= CHUNK_BYTES
     assert _chunk_rows(10**9) == 1
+    for N, V in [(37, 1001), (4096, 32768), (2048, 49152), (65536, 262144), (1, 10**9)]:
+        row_blocks, vocab_chunks = tiles(N, V, 4)
+        rows, cols = row_blocks[0].stop, vocab_chunks[0].stop
+        assert rows * cols * 4 <= TILE_BYTES
+        assert row_blocks[-1].stop == N and vocab_chunks[-1].stop == V
+        assert cols >= min(V, MIN_TILE_COLS)
 
 
 # ---------------------------------------------------------------------------------------------------------- errors
