@@ -6,10 +6,10 @@ With r_v = log p_v - log q_v and phi_v = q_v u_v f'(u_v) (reference.f_generator'
     dD/dz_v   = phi_v - p_v C,                  C = sum_v phi_v
     dD/dz_r,v = q_v f(u_v) - phi_v - q_v (D - C)     (only when ref_requires_grad)
 
-Torch path: forward in row chunks holding whole rows (both log-softmaxes exact, D and C per row, no grad; the
-slope phi comes from autograd through reference.f_generator, elementwise, so the torch form of the math exists
-once); backward in [all rows, vocab chunk] tiles like linear_logprob's, recomputing both heads' log-probs from the
-saved log-sum-exps: six matmuls in all (eager autograd: four, but a dozen [N, V] passes more). Triton path: see
+Torch path: forward in row chunks holding whole rows (both log-sum-exps exact, then D and C per row; value and
+slope phi from reference.f_generator_parts, so the torch form of the math exists once); backward in [all rows,
+vocab chunk] tiles like linear_logprob's, recomputing both heads' log-probs from the saved log-sum-exps: six matmuls
+in all (eager autograd: four, but a dozen [N, V] passes more). Triton path: see
 linear_divergence_triton.py.
 """
 from __future__ import annotations
@@ -21,24 +21,37 @@ from . import reference as ref
 from .linear_logprob import _tile_logits, compute_dtype, tiles
 from .losses import _check_kind
 
-# Forward: [rows, V] buffer budget (about eight such buffers live at once). Backward: [rows, vocab chunk] tiles of
-# TILE_BYTES (about eight live at once).
-CHUNK_BYTES = 16 * 2**20
+# Forward: rows in chunks whose two [rows, V] logit buffers fit CHUNK_BYTES (the rest of its work goes in column
+# blocks of BLOCK_BYTES). Backward: [rows, vocab chunk] tiles of TILE_BYTES, about eight alive at once. At smollm2's
+# shape (V=49152) the forward's chunks have 128 rows: fewer make its two matmuls markedly slower (85 rows: 2.1x the
+# time of one large matmul, 2 CPU cores).
+CHUNK_BYTES = 48 * 2**20
+BLOCK_BYTES = 4 * 2**20
 TILE_BYTES = 4 * 2**20
 
 
 def _chunk_rows(V):
-    return max(1, CHUNK_BYTES // (V * 4))
+    return max(1, CHUNK_BYTES // (2 * V * 4))
 
 
-def _generator_and_slope(log_ratio, log_q, kind, alpha, g=None):
-    """q f(u) and its derivative in the log-ratio r (phi = q u f'(u)), elementwise, times the per-row g if given."""
-    with torch.enable_grad():
-        r = log_ratio.detach().requires_grad_()
-        val = ref.f_generator(r, kind, alpha, log_weight=log_q)
-        up = torch.ones_like(val) if g is None else g[:, None].expand_as(val)
-        (slope,) = torch.autograd.grad(val, r, up)
-    return val.detach(), slope
+def _column_blocks(rows, V):
+    width = max(1, BLOCK_BYTES // (rows * 4))
+    return [slice(v, min(V, v + width)) for v in range(0, V, width)]
+
+
+def _row_logsumexp(z, blocks):
+    """logsumexp over dim 1 with [rows, block] temporaries only."""
+    m = z.amax(1, keepdim=True)
+    s = sum(torch.exp(z[:, b] - m).sum(1) for b in blocks)
+    return m.squeeze(1) + s.log()
+
+
+def _generator_and_slope(log_ratio, log_q, kind, alpha, g=None, need_value=True):
+    """q f(u) (or None) and its derivative in the log-ratio r, phi = q u f'(u), elementwise; the slope times the
+    per-row g if given."""
+    value, slope = ref.f_generator_parts(log_ratio, kind, alpha, log_weight=log_q)
+    slope = slope()
+    return value() if need_value else None, slope if g is None else slope.mul_(g[:, None])
 
 
 def torch_forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha):
@@ -51,15 +64,18 @@ def torch_forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, al
     with torch.no_grad():
         for r0 in range(0, N, step):
             sl = slice(r0, min(N, r0 + step))
-            log_p = _tile_logits(h[sl], weight, bias, everything, inv_temp, cdt)
-            lse_p[sl] = torch.logsumexp(log_p, -1)
-            log_p -= lse_p[sl, None]
-            log_q = _tile_logits(rh[sl], rweight, rbias, everything, inv_temp, cdt)
-            lse_q[sl] = torch.logsumexp(log_q, -1)
-            log_q -= lse_q[sl, None]
-            val, slope = _generator_and_slope(log_p.sub_(log_q), log_q, kind, alpha)  # log_p now holds r
-            div[sl], C[sl] = val.sum(-1), slope.sum(-1)
-            del log_p, log_q, val, slope  # freed before the next chunk's buffers are allocated
+            z = _tile_logits(h[sl], weight, bias, everything, inv_temp, cdt)
+            zr = _tile_logits(rh[sl], rweight, rbias, everything, inv_temp, cdt)
+            blocks = _column_blocks(z.shape[0], V)
+            lse_p[sl], lse_q[sl] = _row_logsumexp(z, blocks), _row_logsumexp(zr, blocks)
+            div[sl], C[sl] = 0.0, 0.0
+            for b in blocks:
+                log_q = zr[:, b] - lse_q[sl, None]
+                val, slope = _generator_and_slope(z[:, b] - lse_p[sl, None] - log_q, log_q, kind, alpha)
+                div[sl] += val.sum(-1)
+                C[sl] += slope.sum(-1)
+                del log_q, val, slope
+            del z, zr  # freed before the next chunk's buffers are allocated
     zero = torch.zeros((), dtype=cdt, device=h.device)
     div = torch.where(valid, div, zero)
     return div, (lse_p, lse_q, div, C)
@@ -92,7 +108,7 @@ def torch_backward(h, weight, bias, rh, rweight, rbias, valid, stats, g, inv_tem
         for vc in vocab_chunks:
             log_p = _tile_logits(hb, weight, bias, vc, inv_temp, cdt, -lse_p[rb, None])
             log_q = _tile_logits(rhb, rweight, rbias, vc, inv_temp, cdt, -lse_q[rb, None])
-            val, slope = _generator_and_slope(log_p - log_q, log_q, kind, alpha, g[rb])
+            val, slope = _generator_and_slope(log_p - log_q, log_q, kind, alpha, g[rb], need_value=need_ref)
             dz = slope - log_p.exp_().mul_(gC[rb, None])  # g (phi - p C)
             dh[rb].addmm_(dz, weight[vc].to(cdt))
             dW[vc].addmm_(dz.T, hb_c)

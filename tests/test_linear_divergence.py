@@ -76,7 +76,8 @@ def test_reference_side_gradients(kind, impl):
 def test_torch_path_many_chunks_and_tiles(kind, monkeypatch):
     import sys
     lp, ld = sys.modules["dph_kernels.linear_logprob"], sys.modules["dph_kernels.linear_divergence"]
-    monkeypatch.setattr(ld, "CHUNK_BYTES", 5 * 301 * 4)  # forward: 5 rows per chunk, 21 rows
+    monkeypatch.setattr(ld, "CHUNK_BYTES", 2 * 5 * 301 * 4)  # forward: 5 rows per chunk, 21 rows
+    monkeypatch.setattr(ld, "BLOCK_BYTES", 5 * 70 * 4)  # ... in column blocks of 70
     monkeypatch.setattr(ld, "TILE_BYTES", 8 * 64 * 4)  # backward: 3 row blocks x 5 vocab chunks
     monkeypatch.setattr(lp, "MIN_TILE_COLS", 64)
     assert [len(x) for x in lp.tiles(21, 301, 4, ld.TILE_BYTES)] == [3, 5]

@@ -21,6 +21,19 @@ def on(impl):
 
 # ----------------------------------------------------------------------------------------------- elementwise pieces
 @pytest.mark.parametrize("kind", KINDS)
+def test_generator_slope_is_its_derivative(kind):
+    # f_generator_parts' closed-form slope d(w f(e^r))/dr against autograd of the value, weighted and not
+    g = torch.Generator().manual_seed(KINDS.index(kind))
+    r = torch.cat([torch.randn(500, generator=g, dtype=torch.float64) * 4, torch.tensor([0.0, 1e-9, -1e-9, 30.0],
+                                                                                          dtype=torch.float64)])
+    for lw in (None, -torch.rand(r.shape, generator=g, dtype=torch.float64) * 12):
+        x = r.clone().requires_grad_()
+        value, slope = ref.f_generator_parts(x, kind, 0.3, log_weight=lw)
+        (auto,) = torch.autograd.grad(value().sum(), x)
+        assert torch.allclose(slope().detach(), auto, rtol=1e-12, atol=1e-12), kind
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_generator_against_float64_and_safe_at_50(kind):
     r = torch.cat([torch.linspace(-50, 50, 2001), torch.tensor([0.0, 1e-7, -1e-7])])
     x64 = r.double().requires_grad_()
