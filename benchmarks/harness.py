@@ -19,7 +19,7 @@ from . import measure, ops, providers
 from .registry import Shape
 
 COLUMNS = ["op", "model", "N", "D", "V", "dtype", "device", "provider", "mode", "status", "ms", "ms_p20", "ms_p80",
-           "reps", "mem_mb", "ratio", "best_baseline", "mem_vs_eager", "dw_mb", "err_out", "err_grad", "note",
+           "reps", "mem_mb", "ratio", "best_baseline", "time_vs_eager", "mem_vs_eager", "dw_mb", "err_out", "err_grad", "note",
            "reason"]
 
 
@@ -224,7 +224,7 @@ def _ratios(rows):
         groups.setdefault((r["op"], r["model"], r["N"], r["D"], r["V"], r["mode"]), []).append(r)
     for g in groups.values():
         base = [r for r in g if r["status"] == "ok" and r["provider"] in providers.BASELINES and "ms" in r]
-        eager = next((r for r in g if r["provider"] == "eager" and r.get("mem_mb")), None)
+        eager = next((r for r in g if r["provider"] == "eager" and r["status"] == "ok"), None)
         best = min(base, key=lambda r: r["ms"]) if base else None
         for r in g:
             if r["status"] != "ok":
@@ -232,5 +232,7 @@ def _ratios(rows):
             if best is not None and "ms" in r:
                 r["ratio"] = r["ms"] / best["ms"]
                 r["best_baseline"] = best["provider"]
-            if eager is not None and r.get("mem_mb") is not None:
+            if eager is not None and "ms" in r and "ms" in eager:
+                r["time_vs_eager"] = r["ms"] / eager["ms"]
+            if eager is not None and r.get("mem_mb") is not None and eager.get("mem_mb"):
                 r["mem_vs_eager"] = r["mem_mb"] / eager["mem_mb"]

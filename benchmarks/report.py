@@ -74,7 +74,7 @@ def format_table(rows: list[dict]) -> str:
         name = f"{model} " if model != "custom" else ""
         out.append(f"\n{op}  {name}N={N} D={D} V={V} {dt}  {mode}   (dW = {g[0]['dw_mb']:.0f} MiB)")
         out.append(f"  {'provider':11s} {'median ms':>10s} {'[p20 - p80]':>19s} {'peak MiB':>9s} {'x best':>7s}"
-                   f" {'mem/eager':>9s} {'err out':>8s} {'err grad':>8s}")
+                   f" {'t/eager':>7s} {'mem/eager':>9s} {'err out':>8s} {'err grad':>8s}")
         skipped = []
         for r in g:
             if r["status"] == "skip":
@@ -85,10 +85,14 @@ def format_table(rows: list[dict]) -> str:
                 continue
             band = f"[{_f(r.get('ms_p20'), '.2f')} - {_f(r.get('ms_p80'), '.2f')}]"
             out.append(f"  {r['provider']:11s} {_f(r.get('ms'), '10.2f')} {band:>19s} {_f(r.get('mem_mb'), '9.1f')}"
-                       f" {_f(r.get('ratio'), '7.2f')} {_f(r.get('mem_vs_eager'), '9.3f')}"
+                       f" {_f(r.get('ratio'), '7.2f')} {_f(r.get('time_vs_eager'), '7.2f')}"
+                       f" {_f(r.get('mem_vs_eager'), '9.3f')}"
                        f" {fmt_err(r.get('err_out')):>8s} {fmt_err(r.get('err_grad')):>8s}")
         if skipped:
             out.append(f"  (skipped: {', '.join(skipped)})")
+    goals = format_goals(rows)
+    if goals:
+        out.append(goals)
     reasons = {}
     for r in rows:
         if r["status"] == "skip":
@@ -98,6 +102,30 @@ def format_table(rows: list[dict]) -> str:
         for (prov, why), op_list in reasons.items():
             out.append(f"  {prov} [{', '.join(dict.fromkeys(op_list))}]: {why}")
     return "\n".join(out)
+
+
+def format_goals(rows: list[dict]) -> str:
+    """The benchmark issue's goals, case by case, for forward+backward: the chunked torch path within 1.0x eager's
+    time and 15 % of its peak extra memory (CPU); the Triton path within 0.8x the fastest other provider and
+    size(dW) + 64 MiB (CUDA)."""
+    out = []
+    for r in rows:
+        if r["mode"] != "fwd+bwd" or r["status"] != "ok":
+            continue
+        case = f"{r['op']:11s} {r['model'] + ' ' if r['model'] != 'custom' else ''}N={r['N']} D={r['D']} V={r['V']}"
+        if r["provider"] == "dph-torch" and r["device"] == "cpu":
+            t, m = r.get("time_vs_eager"), r.get("mem_vs_eager")
+            out.append(f"  {case:44s} dph-torch  time {_f(t, '.2f')}x eager {_mark(t, 1.0)}"
+                       f"   memory {_f(m, '.3f')} of eager {_mark(m, 0.15)}")
+        elif r["provider"] == "dph-triton" and r["device"] == "cuda":
+            t, mem, cap = r.get("ratio"), r.get("mem_mb"), r["dw_mb"] + 64
+            out.append(f"  {case:44s} dph-triton time {_f(t, '.2f')}x best {_mark(t, 0.8)}"
+                       f"   memory {_f(mem, '.0f')} MiB vs dW + 64 = {cap:.0f} {_mark(mem, cap)}")
+    return "\ngoals (fwd+bwd):\n" + "\n".join(out) if out else ""
+
+
+def _mark(x, limit):
+    return "-" if x is None else ("ok" if x <= limit else "MISS")
 
 
 def write(rows: list[dict], meta: dict, out_dir: str, tag: str, plot: bool = True) -> dict:
