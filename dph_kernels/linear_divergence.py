@@ -7,9 +7,10 @@ With r_v = log p_v - log q_v and phi_v = q_v u_v f'(u_v) (reference.f_generator'
     dD/dz_r,v = q_v f(u_v) - phi_v - q_v (D - C)     (only when ref_requires_grad)
 
 Torch path: forward in row chunks holding whole rows (both log-sum-exps exact, then D and C per row; value and
-slope phi from reference.f_generator_parts, so the torch form of the math exists once); backward in [all rows,
-vocab chunk] tiles like linear_logprob's, recomputing both heads' log-probs from the saved log-sum-exps: six matmuls
-in all (eager autograd: four, but a dozen [N, V] passes more). Triton path: see
+slope phi from reference.f_generator_parts, so the torch form of the math exists once), except forward KL, which
+decomposes into one pass over tiles (_fkl_forward); backward in [all rows, vocab chunk] tiles like linear_logprob's,
+recomputing both heads' log-probs from the saved log-sum-exps: six matmuls in all (eager autograd: four, but a
+dozen [N, V] passes more). Triton path: see
 linear_divergence_triton.py.
 """
 from __future__ import annotations
@@ -54,11 +55,47 @@ def _generator_and_slope(log_ratio, log_q, kind, alpha, g=None, need_value=True)
     return value() if need_value else None, slope if g is None else slope.mul_(g[:, None])
 
 
+def _fkl_forward(h, weight, bias, rh, rweight, rbias, inv_temp, cdt, out):
+    """Forward KL in one pass over [rows, vocab chunk] tiles, with online log-sum-exps:
+    D = sum_v q_v (log q_v - log p_v) = E_q[z_r - z] - lse_q + lse_p, and C = sum_v (p_v - q_v) = 0. The general
+    forward needs both normalizers before it can evaluate f, hence whole rows; KL's decomposition does not."""
+    lse_p, lse_q, div, C = out
+    N, V = h.shape[0], weight.shape[0]
+    row_blocks, vocab_chunks = tiles(N, V, torch.finfo(cdt).bits // 8, TILE_BYTES)
+    for rb in row_blocks:
+        m_p = m_q = None
+        for vc in vocab_chunks:
+            z = _tile_logits(h[rb], weight, bias, vc, inv_temp, cdt)
+            zr = _tile_logits(rh[rb], rweight, rbias, vc, inv_temp, cdt)
+            new_p, new_q = z.amax(1), zr.amax(1)
+            if m_p is not None:
+                new_p, new_q = torch.maximum(m_p, new_p), torch.maximum(m_q, new_q)
+            e_q = torch.exp(zr - new_q[:, None])
+            s_p_c = torch.exp(z - new_p[:, None]).sum(1)
+            s_q_c, a_c = e_q.sum(1), torch.linalg.vecdot(e_q, zr.sub_(z))  # a = sum e_q (z_r - z)
+            if m_p is None:
+                s_p, s_q, a = s_p_c, s_q_c, a_c
+            else:
+                rescale_q = torch.exp(m_q - new_q)
+                s_p = s_p * torch.exp(m_p - new_p) + s_p_c
+                s_q, a = s_q * rescale_q + s_q_c, a * rescale_q + a_c
+            m_p, m_q = new_p, new_q
+            del z, zr, e_q  # freed before the next tile is allocated
+        lse_p[rb], lse_q[rb] = m_p + s_p.log(), m_q + s_q.log()
+        div[rb] = a / s_q - lse_q[rb] + lse_p[rb]
+        C[rb] = 0.0
+
+
 def torch_forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha):
     """Returns D (N,) and, for backward, (lse_p, lse_q, D, C) with C = sum_v phi_v."""
     N, V = h.shape[0], weight.shape[0]
     cdt = compute_dtype(h.dtype)
     lse_p, lse_q, div, C = (torch.empty(N, dtype=cdt, device=h.device) for _ in range(4))
+    if kind == "fkl":
+        with torch.no_grad():
+            _fkl_forward(h, weight, bias, rh, rweight, rbias, inv_temp, cdt, (lse_p, lse_q, div, C))
+        div = torch.where(valid, div, torch.zeros((), dtype=cdt, device=h.device))
+        return div, (lse_p, lse_q, div, C)
     step = _chunk_rows(V)
     everything = slice(0, V)
     with torch.no_grad():

@@ -84,13 +84,14 @@ def test_torch_path_many_chunks_and_tiles(kind, monkeypatch):
     check(kind, "torch", ref_grad=True, seed=40, temperature=1.1)
 
 
-def test_torch_path_ignored_nan_rows_stay_out():
+@pytest.mark.parametrize("kind", ["fkl", "js"])  # fkl has its own one-pass forward
+def test_torch_path_ignored_nan_rows_stay_out(kind):
     (h, w, b, rh, rw, rb), mask = make_heads(seed=41)
     h[0, 1, 3], rh[1, 2, 0] = float("nan"), float("inf")
     mask[0, 1], mask[1, 2] = False, False
     h.requires_grad_()
     w.requires_grad_()
-    out = dk.linear_f_divergence(h, w, rh, rw, kind="js", bias=b, ref_bias=rb, mask=mask, impl="torch")
+    out = dk.linear_f_divergence(h, w, rh, rw, kind=kind, bias=b, ref_bias=rb, mask=mask, impl="torch")
     assert torch.isfinite(out).all() and out[0, 1] == 0 and out[1, 2] == 0
     out.sum().backward()
     assert torch.isfinite(w.grad).all() and torch.isfinite(h.grad).all()
