@@ -19,8 +19,8 @@ from . import measure, ops, providers
 from .registry import Shape
 
 COLUMNS = ["op", "model", "N", "D", "V", "dtype", "device", "provider", "mode", "status", "ms", "ms_p20", "ms_p80",
-           "reps", "mem_mb", "ratio", "best_baseline", "time_vs_eager", "mem_vs_eager", "dw_mb", "err_out", "err_grad", "note",
-           "reason"]
+           "reps", "mem_mb", "ratio", "best_baseline", "time_vs_eager", "mem_vs_eager", "dw_mb", "err_out", "err_grad",
+           "note", "reason"]
 
 
 @dataclass
