@@ -110,7 +110,7 @@ class _ChunkedTorchLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, safe_t, valid, inv_temp, need_entropy, need_grad, token_inputs, masks, cfg):
-        from .linear_logprob import (_chunk_logits, chunk_accumulate_grads, chunk_dlogits_, chunk_stats_, chunks,
+        from .linear_logprob import (_tile_logits, chunk_accumulate_grads, chunk_dlogits_, chunk_stats_, chunks,
                                      compute_dtype, grad_buffers)
         N, V = h.shape[0], weight.shape[0]
         cdt = compute_dtype(h.dtype)
@@ -121,7 +121,7 @@ class _ChunkedTorchLoss(torch.autograd.Function):
         dW, db = grad_buffers(weight, bias, cdt) if need_grad else (None, None)
         w_ent = -cfg["entropy_coef"] * masks[3].to(cdt) if cfg["entropy_coef"] != 0 else None
         for c in chunks(N, V, cdt):
-            z = _chunk_logits(h[c], weight, bias, inv_temp, cdt)
+            z = _tile_logits(h[c], weight, bias, slice(None), inv_temp, cdt)
             z_target, lse, S, e_scale = chunk_stats_(z, safe_t[c], need_entropy)
             zero = torch.zeros_like(lse)
             lp = torch.where(valid[c], z_target - lse, zero).detach().requires_grad_()

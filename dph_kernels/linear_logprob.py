@@ -49,14 +49,6 @@ def _chunk_rows(V: int, itemsize: int = 4) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _chunk_logits(h, weight, bias, inv_temp, compute_dtype):
-    z = h @ weight.T
-    if bias is not None:
-        z += bias
-    z = z.to(compute_dtype)  # no copy for fp32 / fp64
-    return z.mul_(inv_temp)
-
-
 def chunk_stats_(z, targets, with_entropy):
     """(target logit, lse, S = sum_v p_v z_v or None, e_scale) of a chunk's logits z. Without the entropy z is
     overwritten with e = exp(z - max), P = e * e_scale, which is all chunk_dlogits_ needs (no second [rows, V]
@@ -77,20 +69,24 @@ def chunk_stats_(z, targets, with_entropy):
 def chunk_dlogits_(z, targets, lse, S, e_scale, g_logp, g_ent, inv_temp):
     """Overwrite a chunk's buffer z (as chunk_stats_ left it) with d loss / d raw logits for per-row upstream
     gradients g_logp (on logp) and g_ent (on the entropy, or None): dz = g_l (onehot - p) - g_H p (z - S), times 1/T.
-    Returns z."""
+    Returns dz (z's buffer, or a new one when the entropy has a gradient)."""
     gl = g_logp[:, None] * inv_temp  # the 1/T of dlogit = dz / T folded into the per-row factors
     if e_scale is not None:  # z holds e = P / e_scale
         assert g_ent is None, "an entropy gradient needs chunk_stats_(..., with_entropy=True)"
         z.mul_(-gl * e_scale[:, None])
-    elif g_ent is not None:
-        p = torch.exp(z - lse[:, None])
-        # entropy part: -g_H * p * (z - S), built in z's buffer
-        z.sub_(S[:, None]).mul_(p).mul_(-inv_temp * g_ent[:, None])
-        z.addcmul_(p, gl, value=-1.0)
-        del p
+    elif g_ent is not None:  # dz = g_l onehot - Q, Q = P (g_l + g_H (H + log P)), log P = z - lse, H = lse - S
+        a = (g_logp + g_ent * (lse - S))[:, None]
+        z = softmax_weights_(z.sub_(lse[:, None]), a, g_ent[:, None]).mul_(-inv_temp)
     else:
         z.sub_(lse[:, None]).exp_().mul_(-gl)  # -g_l * p, in place
     return z.scatter_add_(1, targets[:, None], gl)  # + g_l * onehot
+
+
+def softmax_weights_(log_e, a, b):
+    """Q = exp(log_e) * (a + b * log_e) for per-row a, b of shape (rows, 1): what the log-prob and entropy terms put
+    on every vocabulary entry of the logits' gradient (see torch_backward). log_e is overwritten; Q is a new buffer."""
+    q = torch.exp(log_e)
+    return q.mul_(log_e.mul_(b).add_(a))
 
 
 def chunk_accumulate_grads(dz, hc, valid, weight, dh_out, dW, db):
@@ -259,11 +255,7 @@ def torch_backward(h, weight, bias, targets, valid, shift, total, entropy, g_log
         QW = torch.zeros(hb.shape, dtype=cdt, device=h.device)  # sum over chunks of Q @ W (of e @ W without H)
         for vc in vocab_chunks:
             y = _tile_logits(hb, weight, bias, vc, inv_temp, cdt, neg_shift)
-            if g_ent is None:
-                Q = y.exp_()
-            else:
-                Q = torch.exp(y)
-                Q.mul_(y.mul_(b).add_(a))
+            Q = y.exp_() if g_ent is None else softmax_weights_(y, a, b)
             w_c = weight[vc].to(cdt) if wide else weight[vc]
             QW.addmm_(Q, w_c)
             dW[vc].addmm_(Q.T, left, alpha=-1.0)
