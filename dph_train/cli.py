@@ -2,12 +2,14 @@
 
     dph-train presample [--config FILE] [--key=value ...]       sample pi_ref, split D_exp / D_pef, store D_pef
     dph-train train --method dph-js [--resume] [...]            the RL loop (presets: grpo dapo rkl dph-f dph-js alpha)
-    dph-train eval [--checkpoint base|latest|PATH] [--tag T]    Greedy + Pass@k on test and ood; JSON + PNG
+    dph-train eval [--checkpoint latest|base|PATH] [--tag T]    Greedy + Pass@k on test and ood; JSON + PNG
     dph-train run [--method M] [--resume] [...]                 presample -> eval(base) -> train -> eval(final) -> report
 
 Config: dataclass defaults (the CPU schedule on SmolLM2 + arith) <- --config FILE (or <run_dir>/config.yaml when it
 exists) <- --section.key=value overrides, e.g. --train.steps=4 --run_dir=runs/try. Everything a run writes goes under
-run_dir; the resolved config is saved there as config.yaml.
+run_dir; the resolved config is saved there as config.yaml. `dph-train <command> --help` lists the config keys that
+command reads, with type, default and help. Every value is type- and range-checked before anything is loaded; a user
+error (bad value, unknown key, missing file, no checkpoint) prints one line and exits 2 (--debug: the traceback).
 """
 from __future__ import annotations
 
@@ -20,18 +22,53 @@ import time
 from .config import METHODS, load_config, save_config
 
 COMMANDS = ("presample", "train", "eval", "run")
+# The config sections each command reads (--help lists their keys; top-level keys always). A command not named here
+# lists every section.
+COMMAND_SECTIONS = {
+    "presample": ("model", "task", "rollout", "presample"),
+    "train": ("model", "task", "rollout", "train"),
+    "eval": ("model", "task", "rollout", "eval"),
+}
+COMMAND_HELP = {
+    "presample": "sample pi_ref, split D_exp / D_pef, store D_pef",
+    "train": "the RL loop (presets: " + " ".join(METHODS) + ")",
+    "eval": "Greedy + Pass@k on the eval splits; JSON + PNG",
+    "run": "presample -> eval(base) -> train -> eval(final) -> report",
+}
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dph-train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=COMMANDS)
+class UsageError(Exception):
+    """A user mistake found by a command (not a bug): main prints it as one line and exits 2."""
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config", default=None, help="YAML config file (default: <run_dir>/config.yaml if present)")
     p.add_argument("--method", choices=METHODS, default=None, help="loss preset (= --train.method=...)")
     p.add_argument("--run-dir", dest="run_dir", default=None, help="run directory (= --run_dir=...)")
     p.add_argument("--resume", action="store_true", help="continue from the run dir's last checkpoint / results")
-    p.add_argument("--checkpoint", default="latest", help="eval: base | latest | a checkpoint folder")
+    p.add_argument("--checkpoint", default="latest",
+                   help="eval: latest (the run dir's newest checkpoint; an error when there is none) | base (the "
+                        "untrained model) | a checkpoint folder")
     p.add_argument("--tag", default=None, help="eval: name of the result (default: base / final / folder name)")
+    p.add_argument("--debug", action="store_true", help="print the full traceback of a user error")
+    return p
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .config import describe, format_keys
+
+    p = argparse.ArgumentParser(prog="dph-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="command", required=True)
+    common = _common()
+    for name in COMMANDS:
+        keys = format_keys(describe(COMMAND_SECTIONS.get(name)))
+        sub.add_parser(name, parents=[common], help=COMMAND_HELP.get(name, ""),
+                       description=f"dph-train {name}: {COMMAND_HELP.get(name, '')}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="config keys (--key=value overrides; defaults shown, a --config file may change them):\n"
+                              + keys)
     return p
 
 
@@ -86,10 +123,14 @@ class Session:
             n = int(cfg.threads) if cfg.threads else auto_threads()
             torch.set_num_threads(n)
             self.run.log(f"[session] cpu threads: {n} (cores {os.cpu_count()}, load {os.getloadavg()[0]:.1f})")
+        try:  # the task first: a wrong task name or argument is a user error, found before the model loads
+            self.task = tasks.get_task(cfg.task.name, seed=cfg.task.seed, **(cfg.task.kwargs or {}))
+        except (TypeError, ValueError, FileNotFoundError) as e:
+            from .config import ConfigError
+            raise ConfigError(f"task {cfg.task.name!r} (task.name / task.kwargs): {e}") from e
         mc = cfg.model if model_name is None else dataclasses.replace(cfg.model, name=model_name,
                                                                       tokenizer=model_name)
         self.model, self.tok = load_model(mc, self.device)
-        self.task = tasks.get_task(cfg.task.name, seed=cfg.task.seed, **(cfg.task.kwargs or {}))
         self.engine = make_engine(cfg.rollout, self.model, self.tok, cfg.model, self.device, self.run.p("engine"),
                                   seed=cfg.seed, max_new_tokens_cap=cfg.eval.max_new_tokens)
         self.run.log(f"[session] rollout backend: {self.engine.name}")
@@ -126,10 +167,11 @@ def _eval_target(cfg, args):
     if args.checkpoint == "latest":
         ck = list_checkpoints(os.path.join(cfg.run_dir, "checkpoints"))
         if not ck:
-            return None, args.tag or "base"
+            raise UsageError(f"no checkpoint in {os.path.join(cfg.run_dir, 'checkpoints')}; train first, or pass "
+                             "--checkpoint base to evaluate the untrained model")
         return ck[-1], args.tag or "final"
     if not os.path.isdir(args.checkpoint):
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r}: not base, latest or a folder")
+        raise UsageError(f"--checkpoint {args.checkpoint!r}: not base, latest or a folder")
     return args.checkpoint, args.tag or os.path.basename(os.path.normpath(args.checkpoint))
 
 
@@ -137,7 +179,7 @@ def cmd_eval(cfg, args, s: Session | None = None, tag: str | None = None) -> dic
     from .evaluate import evaluate, format_table
 
     if s is None:
-        path, tag = _eval_target(cfg, args)
+        path, tag = getattr(args, "eval_target", None) or _eval_target(cfg, args)
         s = Session(cfg, model_name=path)
     res = evaluate(cfg, s.model, s.tok, s.task, s.engine, s.run, tag or args.tag or "base")
     print(format_table({res["tag"]: res}, ks=[k for k in (1, 8) if k in cfg.eval.ks] or cfg.eval.ks[:1]))
@@ -172,12 +214,28 @@ def cmd_run(cfg, args) -> dict:
     return dict(wall_seconds=wall, report=report, train=train, evals=json.loads(json.dumps(evals)))
 
 
+def _user_error(args, e: BaseException) -> int:
+    """One line on stderr, exit status 2; the traceback only with --debug."""
+    if getattr(args, "debug", False):
+        raise e
+    print(f"dph-train: error: {e}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list | None = None) -> int:
-    args, rest = _parser().parse_known_args(argv)
+    from .config import ConfigError
+
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
     if bad:
-        _parser().error(f"unrecognized arguments {bad}; config overrides look like --section.key=value")
-    cfg = resolve_config(args, rest)
+        parser.error(f"unrecognized arguments {bad}; config overrides look like --section.key=value")
+    try:
+        cfg = resolve_config(args, rest)
+        if args.command == "eval":
+            args.eval_target = _eval_target(cfg, args)  # before anything is written or loaded
+    except (ConfigError, UsageError) as e:
+        return _user_error(args, e)
     from .common import RunDir
 
     run = RunDir(cfg.run_dir)
@@ -198,6 +256,9 @@ def main(argv: list | None = None) -> int:
     except KeyboardInterrupt as e:
         run.fail(args.command, e)
         return 130
+    except (ConfigError, UsageError) as e:
+        run.fail(args.command, e, quiet=True)
+        return _user_error(args, e)
     except Exception as e:
         run.fail(args.command, e)
         raise

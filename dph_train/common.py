@@ -84,12 +84,14 @@ class RunDir:
     def status(self, state: str, **info) -> None:
         write_json(self.p("status.json"), {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info})
 
-    def fail(self, command: str, exc: BaseException) -> None:
+    def fail(self, command: str, exc: BaseException, quiet: bool = False) -> None:
+        """Record the failure in status.json and log.txt; quiet: the caller prints the message itself."""
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self.status("failed", command=command, error=repr(exc), traceback=tb)
         with open(self.p("log.txt"), "a") as f:
             f.write(tb)
-        print(f"[{command}] failed: {exc!r}; logs and checkpoints stay in {self.path}", file=sys.stderr)
+        if not quiet:
+            print(f"[{command}] failed: {exc!r}; logs and checkpoints stay in {self.path}", file=sys.stderr)
 
 
 def read_jsonl(path: str) -> list:

@@ -8,16 +8,41 @@ The dataclass defaults ARE the embedded CPU schedule (SmolLM2-135M + arith, `dph
 
 Overrides take dotted keys into the nested sections; values are parsed as YAML ("1e-5" -> float, "[1,2]" -> list,
 "null" -> None). Unknown keys are an error, so a typo never silently does nothing.
+
+Every value, from a YAML file or an override, is checked against its field's type annotation (an int field takes an
+int, `int | None` also null, a float field also an int; bool is never a number) and against the field's range when
+it has one (`knob(default, help, ge=/gt=/le=/lt=/choices=)`), before anything is loaded. A bad value raises
+ConfigError with one line naming the key: "train.steps: expected int, got 'abc'". A new field gets the type check by
+its annotation alone; `dph-train <command> --help` lists it with its type, default and help (the knob's help, or
+else the field's trailing comment).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import io
 import os
+import tokenize
+import types
+import typing
 from dataclasses import dataclass, field
 
 import yaml
 
 METHODS = ("grpo", "dapo", "rkl", "dph-f", "dph-js", "alpha")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override: one line, naming the key."""
+
+
+def knob(default, help: str = "", *, ge=None, gt=None, le=None, lt=None, choices=None):
+    """A config field with a one-line help, an optional range (ge / gt / le / lt) and optional allowed values."""
+    meta = dict(help=help, ge=ge, gt=gt, le=le, lt=lt, choices=choices)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -30,94 +55,98 @@ class ModelConfig:
     bf16_autocast: bool = True  # only takes effect on CUDA; parameters and optimizer state stay fp32
     # tiny random-init Llama (name="tiny")
     tiny_hidden_size: int = 64
-    tiny_layers: int = 2
-    tiny_heads: int = 4
-    tiny_kv_heads: int = 2
-    tiny_intermediate_size: int = 128
-    tiny_seed: int = 0
+    tiny_layers: int = 2  # tiny: decoder layers
+    tiny_heads: int = 4  # tiny: attention heads
+    tiny_kv_heads: int = 2  # tiny: key/value heads
+    tiny_intermediate_size: int = 128  # tiny: MLP width
+    tiny_seed: int = 0  # tiny: seed of the random init
 
 
 @dataclass
 class TaskConfig:
     name: str = "arith"  # arith | sql | bird | spider
     kwargs: dict = field(default_factory=dict)  # forwarded to get_task (e.g. root=..., n_train=...)
-    seed: int = 0
+    seed: int = 0  # seeds the task's prompt generation / split
     chat_template: bool = True  # wrap the prompt as one user message with the tokenizer's chat template
     system_prompt: str | None = None  # None: the template's default system message
 
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"  # hf | vllm | auto (vllm when importable, else hf)
-    batch_size: int = 64  # sequences per generate call (hf)
-    max_new_tokens: int = 32
-    temperature: float = 1.0  # training rollouts (method.md: T=1.0, top_p=0.9)
-    top_p: float = 0.9
-    max_prompt_tokens: int = 512  # longer prompts are truncated from the left
+    backend: str = knob("hf", choices=("hf", "vllm", "auto"))  # hf | vllm | auto (vllm when importable, else hf)
+    batch_size: int = knob(64, ge=1)  # sequences per generate call (hf)
+    max_new_tokens: int = knob(32, "new tokens per rollout (and per eval sample unless eval.max_new_tokens)", ge=1)
+    temperature: float = knob(1.0, gt=0)  # training rollouts (method.md: T=1.0, top_p=0.9)
+    top_p: float = knob(0.9, "nucleus sampling of the training rollouts", gt=0, le=1)
+    max_prompt_tokens: int = knob(512, ge=1)  # longer prompts are truncated from the left
     # hf backend: "float32" samples from the live policy; "bfloat16" from a bf16 copy re-synced after every optimizer
     # step (1.6x faster generate on CPUs with avx512_bf16; the samples are then very slightly off-policy, as with vLLM)
-    hf_dtype: str = "bfloat16"
-    vllm_dtype: str = "bfloat16"
-    vllm_kv_cache_gb: int = 1
-    vllm_gpu_memory_utilization: float = 0.5
+    hf_dtype: str = knob("bfloat16", "hf backend: sample from the live fp32 policy or a bf16 copy synced each step",
+                         choices=("float32", "bfloat16"))
+    vllm_dtype: str = "bfloat16"  # vllm backend: weights and KV cache dtype
+    vllm_kv_cache_gb: int = knob(1, "vllm backend on the CPU: KV cache size in GB", ge=1)
+    vllm_gpu_memory_utilization: float = knob(0.5, "vllm backend on CUDA: fraction of GPU memory", gt=0, le=1)
 
 
 @dataclass
 class PresampleConfig:
-    n: int = 8  # samples per training prompt from pi_ref
-    temperature: float = 1.0
-    top_p: float = 0.95
+    n: int = knob(8, ge=1)  # samples per training prompt from pi_ref
+    temperature: float = knob(1.0, "sampling temperature of pi_ref", gt=0)
+    top_p: float = knob(0.95, "nucleus sampling of pi_ref", gt=0, le=1)
     # a prompt is near-perfect (D_pef) when its fraction correct is >= this. method.md: 1.0 (all n correct). The CPU
     # default uses 0.5: SmolLM2-135M at T=1 gets no arith prompt 8/8 right (measured: at most 5/8 on 32 prompts).
-    pef_threshold: float = 0.5
-    pef_resample_n: int = 4  # fresh samples per D_pef prompt for the stored set (correct ones are kept)
+    pef_threshold: float = knob(0.5, "a prompt is in D_pef when its fraction correct of the n samples is >= this",
+                                ge=0, le=1)
+    pef_resample_n: int = knob(4, ge=0)  # fresh samples per D_pef prompt for the stored set (correct ones are kept)
     pef_keep_incorrect: bool = False  # also store incorrect pi_ref samples (method.md keeps only correct ones)
-    max_prompts: int | None = 24  # use only the first N training prompts (None: all)
-    score_batch_size: int = 16  # sequences per forward when computing stored log pi_ref
+    max_prompts: int | None = knob(24, ge=1)  # use only the first N training prompts (None: all)
+    score_batch_size: int = knob(16, ge=1)  # sequences per forward when computing stored log pi_ref
 
 
 @dataclass
 class TrainConfig:
-    method: str = "dph-js"  # a FusedLinearDPHLoss preset: grpo | dapo | rkl | dph-f | dph-js | alpha
+    method: str = knob("dph-js", "a FusedLinearDPHLoss preset", choices=METHODS)
     loss: dict = field(default_factory=dict)  # overrides for the preset (eta, clip_high, kl_beta, ...)
-    steps: int | None = 6  # optimizer steps; None: `epochs` passes over D_exp
-    epochs: float = 1.0
-    prompts_per_step: int = 2  # D_exp prompts per step
-    group_size: int = 8  # rollouts per prompt (G)
-    pef_per_step: int = 4  # stored D_pef sequences per step (0: none)
-    micro_batch_size: int = 8  # sequences per forward/backward
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    betas: tuple = (0.9, 0.999)
-    grad_clip: float = 1.0
-    ppo_epochs: int = 1
+    steps: int | None = knob(6, ge=0)  # optimizer steps; None: `epochs` passes over D_exp
+    epochs: float = knob(1.0, "passes over D_exp when steps is null", gt=0)
+    prompts_per_step: int = knob(2, ge=1)  # D_exp prompts per step
+    group_size: int = knob(8, ge=2)  # rollouts per prompt (G)
+    pef_per_step: int = knob(4, ge=0)  # stored D_pef sequences per step (0: none)
+    micro_batch_size: int = knob(8, ge=1)  # sequences per forward/backward
+    lr: float = knob(1e-5, "AdamW learning rate", ge=0)
+    weight_decay: float = knob(0.01, "AdamW weight decay", ge=0)
+    betas: tuple = (0.9, 0.999)  # AdamW betas
+    grad_clip: float = knob(1.0, "max global gradient norm", gt=0)
+    ppo_epochs: int = knob(1, "optimizer passes over each step's batch", ge=1)
     # log pi_old: "recompute" = a no-grad pass of the fused kernel over the rollouts before the update;
     # "on_policy" = use the update pass's own detached log-probs (identical values when ppo_epochs == 1, one forward
     # cheaper); "on_policy" with ppo_epochs > 1 is an error.
-    old_logp: str = "on_policy"
-    save_every: int = 0  # 0: only the final checkpoint
-    keep_checkpoints: int = 1
-    logp_impl: str = "auto"  # dk impl for log-probs and the loss
+    old_logp: str = knob("on_policy", "log pi_old: recompute | on_policy (see config.py)",
+                         choices=("recompute", "on_policy"))
+    save_every: int = knob(0, ge=0)  # 0: only the final checkpoint
+    keep_checkpoints: int = knob(1, "keep the last K checkpoints (older ones are deleted)", ge=1)
+    logp_impl: str = knob("auto", choices=("auto", "triton", "torch", "reference"))  # dk impl for log-probs and the loss
 
 
 @dataclass
 class EvalConfig:
-    splits: list = field(default_factory=lambda: ["test", "ood"])
-    n: int = 8  # samples per prompt for Pass@k (the issue's full protocol: n=16, ks up to 16; see configs/)
-    ks: list = field(default_factory=lambda: [1, 2, 4, 8])
-    temperature: float = 1.0
-    top_p: float = 0.95
-    greedy: bool = True
-    max_prompts: int | None = 10  # per split; None: all
-    max_new_tokens: int | None = None  # None: rollout.max_new_tokens
+    splits: list = field(default_factory=lambda: ["test", "ood"])  # task splits to evaluate
+    n: int = knob(8, ge=1)  # samples per prompt for Pass@k (the issue's full protocol: n=16, ks up to 16; see configs/)
+    ks: list = field(default_factory=lambda: [1, 2, 4, 8])  # Pass@k for these k (each in [1, eval.n])
+    temperature: float = knob(1.0, "sampling temperature for Pass@k", gt=0)
+    top_p: float = knob(0.95, "nucleus sampling for Pass@k", gt=0, le=1)
+    greedy: bool = True  # also score one greedy answer per prompt
+    max_prompts: int | None = knob(10, ge=1)  # per split; None: all
+    max_new_tokens: int | None = knob(None, ge=1)  # None: rollout.max_new_tokens
 
 
 @dataclass
 class Config:
-    run_dir: str = "runs/cpu_smollm2_arith"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None  # torch.set_num_threads on CPU (None: torch's default)
+    run_dir: str = "runs/cpu_smollm2_arith"  # everything a run writes goes here
+    seed: int = 0  # seeds sampling and the data order
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"))  # auto: cuda when available, else cpu
+    # torch threads on the CPU; None: the cores not already busy (cores - 1-minute load average, at least 1)
+    threads: int | None = knob(None, "torch threads on the CPU (null: cores minus the 1-minute load average)", ge=1)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -134,20 +163,137 @@ def to_dict(cfg) -> dict:
 
 def _apply(obj, data: dict, where: str = "") -> None:
     fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = _hints(type(obj))
     for key, value in data.items():
         if key not in fields:
-            raise KeyError(f"unknown config key {where + key!r}; known: {sorted(fields)}")
+            raise ConfigError(f"{where + key}: unknown config key; known in {where.rstrip('.') or 'the top level'}: "
+                              f"{', '.join(sorted(fields))}")
         cur = getattr(obj, key)
         if dataclasses.is_dataclass(cur):
             if not isinstance(value, dict):
-                raise TypeError(f"config section {where + key!r} needs a mapping, got {value!r}")
+                raise ConfigError(f"{where + key}: a config section, needs a mapping, got {value!r}")
             _apply(cur, value, where + key + ".")
         else:
-            if isinstance(value, dict) and not isinstance(cur, dict):
-                raise TypeError(f"config key {where + key!r} is not a section, got {value!r}")
-            if key == "betas" and value is not None:
-                value = tuple(value)
-            setattr(obj, key, value)
+            setattr(obj, key, check_value(where + key, value, hints[key], fields[key]))
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_instance(value, tp) -> bool:
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is tuple:
+        return isinstance(value, (list, tuple))
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, a) for a in typing.get_args(tp))
+    if tp is typing.Any:
+        return True
+    return isinstance(value, origin or tp)
+
+
+def check_value(key: str, value, tp, f: dataclasses.Field | None = None):
+    """value checked against type tp and the knob range of field f; returns it normalised (int -> float for a
+    float field, list -> tuple for a tuple field). Raises ConfigError naming key."""
+    if not _is_instance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is float or (value is not None and isinstance(value, int) and float in typing.get_args(tp)
+                       and int not in typing.get_args(tp)):
+        value = float(value)
+    if tp is tuple and value is not None:
+        value = tuple(value)
+    meta = f.metadata if f is not None else {}
+    if value is None or not meta:
+        return value
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(f"{key}: expected one of {' | '.join(map(str, meta['choices']))}, got {value!r}")
+    for op, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                         ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        bound = meta.get(op)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{key}: expected {type(value).__name__} {word} {bound}, got {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _comments(cls) -> dict:
+    """{field: its trailing `# comment` in the class source} (the help of fields that are not knobs)."""
+    out = {}
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return out
+    names = {f.name for f in dataclasses.fields(cls)}
+    line_field, above, block = {}, {}, []  # above: a field without a trailing comment takes the block above it
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names:
+            line_field.setdefault(tok.start[0], tok.string)
+            if block:
+                above.setdefault(tok.string, " ".join(block))
+            block = []
+        elif tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("# ").strip()
+            if tok.start[0] in line_field:
+                out.setdefault(line_field[tok.start[0]], text)
+            elif tok.start[1] == 4:
+                block.append(text)
+    return {**above, **out}
+
+
+def _spec(tp, meta) -> str:
+    """The type of a field as --help shows it: "int or null", "int >= 2", "str: hf | vllm | auto"."""
+    out = _type_name(tp)
+    if meta.get("choices") is not None:
+        return f"{out}: {' | '.join(map(str, meta['choices']))}"
+    bounds = [f"{word} {meta[op]}" for op, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+              if meta.get(op) is not None]
+    return " ".join([out] + bounds) if not bounds else f"{out}, {' and '.join(bounds)}"
+
+
+def describe(sections=None) -> list:
+    """(key, type, default, help) of every config key, top-level keys first; sections: names to include (None: all)."""
+    rows, subs = [], []
+    top = Config()
+    for obj, prefix in [(top, "")] + [(getattr(top, f.name), f.name + ".") for f in dataclasses.fields(top)
+                                      if dataclasses.is_dataclass(getattr(top, f.name))]:
+        if prefix and sections is not None and prefix[:-1] not in sections:
+            continue
+        hints, notes = _hints(type(obj)), _comments(type(obj))
+        for f in dataclasses.fields(obj):
+            cur = getattr(obj, f.name)
+            if dataclasses.is_dataclass(cur):
+                continue
+            rows.append((prefix + f.name, _spec(hints[f.name], f.metadata), cur,
+                         f.metadata.get("help") or notes.get(f.name, "")))
+    return rows
+
+
+def format_keys(rows) -> str:
+    """One line per key: --key=default  (type)  help."""
+    def show(v):
+        v = list(v) if isinstance(v, tuple) else v
+        return "null" if v is None else yaml.safe_dump(v, default_flow_style=True, width=1000).strip().removesuffix(
+            "\n...").strip()
+
+    left = [f"--{key}={show(default)}" for key, _, default, _ in rows]
+    width = min(44, max(map(len, left)))
+    return "\n".join(f"  {l:<{width}}  ({tp})  {help}".rstrip() for l, (_, tp, _, help) in zip(left, rows))
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -156,9 +302,12 @@ def parse_overrides(overrides: list[str]) -> dict:
     for item in overrides:
         s = item[2:] if item.startswith("--") else item
         if "=" not in s:
-            raise ValueError(f"override {item!r} must look like --key=value (dotted keys for sections)")
+            raise ConfigError(f"override {item!r} must look like --key=value (dotted keys for sections)")
         key, raw = s.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw  # not YAML: the plain string, checked against the field's type like any value
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
             try:
                 value = float(value)
@@ -181,8 +330,16 @@ def merge(cfg: Config, data: dict) -> Config:
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     cfg = Config()
     if path:
-        with open(path) as f:
-            merge(cfg, yaml.safe_load(f) or {})
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} not found")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of keys, got {type(data).__name__}")
+        merge(cfg, data)
     if overrides:
         merge(cfg, parse_overrides(overrides))
     validate(cfg)
@@ -197,27 +354,45 @@ def save_config(cfg: Config, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _check_all(obj, where: str = "") -> None:
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        cur = getattr(obj, f.name)
+        if dataclasses.is_dataclass(cur):
+            _check_all(cur, where + f.name + ".")
+        else:
+            setattr(obj, f.name, check_value(where + f.name, cur, hints[f.name], f))
+
+
 def validate(cfg: Config) -> None:
-    if cfg.train.method not in METHODS:
-        raise ValueError(f"train.method must be one of {METHODS}, got {cfg.train.method!r}")
-    if cfg.rollout.backend not in ("hf", "vllm", "auto"):
-        raise ValueError(f"rollout.backend must be hf | vllm | auto, got {cfg.rollout.backend!r}")
-    if cfg.train.old_logp not in ("recompute", "on_policy"):
-        raise ValueError(f"train.old_logp must be recompute | on_policy, got {cfg.train.old_logp!r}")
+    """Every field against its type and range, then the rules that tie fields together. Raises ConfigError."""
+    _check_all(cfg)
     if cfg.train.old_logp == "on_policy" and cfg.train.ppo_epochs != 1:
-        raise ValueError("train.old_logp=on_policy needs train.ppo_epochs=1 (later epochs need the stored log pi_old)")
-    if cfg.rollout.hf_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"rollout.hf_dtype must be float32 | bfloat16, got {cfg.rollout.hf_dtype!r}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto | cpu | cuda, got {cfg.device!r}")
-    for name, v in (("train.group_size", cfg.train.group_size), ("train.micro_batch_size", cfg.train.micro_batch_size),
-                    ("presample.n", cfg.presample.n), ("eval.n", cfg.eval.n)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if cfg.train.group_size < 2:
-        raise ValueError("train.group_size must be >= 2 (GRPO advantages need a group)")
-    if not 0.0 <= cfg.presample.pef_threshold <= 1.0:
-        raise ValueError(f"presample.pef_threshold must be in [0, 1], got {cfg.presample.pef_threshold!r}")
-    bad = [k for k in cfg.eval.ks if not isinstance(k, int) or k < 1 or k > cfg.eval.n]
+        raise ConfigError("train.old_logp=on_policy needs train.ppo_epochs=1 (later epochs need the stored log pi_old)")
+    if len(cfg.train.betas) != 2 or not all(_is_instance(b, float) and 0 <= b < 1 for b in cfg.train.betas):
+        raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {list(cfg.train.betas)!r}")
+    bad = [k for k in cfg.eval.ks if not _is_instance(k, int) or k < 1 or k > cfg.eval.n]
     if bad:
-        raise ValueError(f"eval.ks must be ints in [1, eval.n={cfg.eval.n}], got {bad}")
+        raise ConfigError(f"eval.ks: expected ints in [1, eval.n={cfg.eval.n}], got {bad}")
+    if not cfg.eval.ks:
+        raise ConfigError("eval.ks: expected at least one k")
+    bad = [s for s in cfg.eval.splits if s not in ("train", "test", "ood")]
+    if bad:
+        raise ConfigError(f"eval.splits: expected splits among train | test | ood, got {bad}")
+    _check_loss(cfg.train.method, cfg.train.loss)
+
+
+def _check_loss(method: str, loss: dict) -> None:
+    """train.loss: keyword arguments of dk.FusedLinearDPHLoss, checked by building the loss (cheap, no model)."""
+    if not loss:
+        return
+    from dph_kernels import FusedLinearDPHLoss
+
+    known = set(inspect.signature(FusedLinearDPHLoss.__init__).parameters) - {"self"}
+    unknown = sorted(set(loss) - known)
+    if unknown:
+        raise ConfigError(f"train.loss: unknown FusedLinearDPHLoss argument(s) {unknown}; known: {sorted(known)}")
+    try:
+        FusedLinearDPHLoss.preset(method, **loss)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train.loss: {e}") from None
