@@ -28,8 +28,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The committed results behind the README's table; `python -m benchmarks` alone writes a fresh runs/bench/ folder.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks --out benchmarks/results
 
 kernel-bench: $(STAMP)
 	$(BIN)/python -m benchmarks.cpu_linear_logprob

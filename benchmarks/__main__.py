@@ -5,7 +5,9 @@
     python -m benchmarks --shape 4096,512,32768 --providers dph-torch,eager --mem inproc
     dph-bench ...                                # the same, as an installed entry point
 
-Writes benchmarks/results/<tag>.{csv,json,png} and prints the table last.
+Writes <out>/<tag>.{csv,json,png} and prints the table last. Without --out every run gets a fresh folder
+runs/bench/<tag>_<YYYYmmdd_HHMMSS> (under the current directory), so the committed results in benchmarks/results
+change only when asked: `make bench` = `python -m benchmarks --out benchmarks/results`.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import torch
 
 from . import harness, ops, providers, registry, report
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")  # the committed results (make bench)
+FRESH = os.path.join("runs", "bench")  # default: a new folder <tag>_<time> here per run
 
 
 def _csv(text):
@@ -54,7 +57,8 @@ def build_parser():
     p.add_argument("--min-reps", type=int, default=3, help="CPU minimum timed repetitions")
     p.add_argument("--budget", type=float, default=0.0, help="soft time limit for the whole run in seconds (0: none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
+    p.add_argument("--out", default=None,
+                   help=f"results folder (default: a fresh {FRESH}/<tag>_<time>; make bench: benchmarks/results)")
     p.add_argument("--tag", default=None, help="results file stem (default: cpu, or the GPU's name)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--quiet", action="store_true", help="print only the final table")
@@ -90,6 +94,16 @@ def config_from_args(a) -> tuple[harness.Config, str]:
     return cfg, tag
 
 
+def fresh_out(tag: str) -> str:
+    """runs/bench/<tag>_<YYYYmmdd_HHMMSS>, with a suffix when that folder already exists."""
+    base = os.path.join(FRESH, f"{tag}_{time.strftime('%Y%m%d_%H%M%S')}")
+    path, k = base, 1
+    while os.path.exists(path):
+        path, k = f"{base}_{k}", k + 1
+    os.makedirs(path)
+    return path
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     if not faulthandler.is_enabled():
@@ -103,6 +117,8 @@ def main(argv=None) -> int:
         cfg, tag = config_from_args(a)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if a.out is None:
+        a.out = fresh_out(tag)
     t0 = time.time()
     meta = report.machine_info(cfg.device)
     def save_partial(rows):  # a run killed later still leaves what it measured

@@ -213,3 +213,42 @@ def test_bench_linear_f_divergence(benchmark, op):
 def test_bench_liger_grpo_cpu(benchmark):
     grad = benchmark(_fwd_bwd("liger", "grpo"))
     assert torch.isfinite(grad).all()
+
+
+def test_a_run_without_out_leaves_the_committed_results_alone(monkeypatch, capsys):
+    """No --out: the results go to a fresh runs/bench/<tag>_<time> folder (git-ignored), never benchmarks/results;
+    `git status` of the checkout is the same before and after."""
+    import os
+    import shutil
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, ".git")) and not os.path.isfile(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout")
+
+    def status():
+        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout
+
+    monkeypatch.chdir(root)
+    before = status()
+    committed = {f: os.path.getmtime(os.path.join(bench_main.RESULTS, f)) for f in os.listdir(bench_main.RESULTS)}
+    args = ["--shape", "64,32,128", "--ops", "logprob", "--providers", "eager", "--modes", "fwd", "--mem", "none",
+            "--no-plot", "--quiet", "--cpu-budget", "0", "--min-reps", "1", "--check-rows", "0"]
+    written = []
+    try:
+        for _ in range(2):  # two runs in the same second still get two folders
+            assert bench_main.main(args) == 0
+            line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("wrote ")][-1]
+            written.append(os.path.dirname(line.split()[1].rstrip(",")))
+        assert status() == before
+        for w in written:
+            rel = os.path.relpath(os.path.abspath(w), root)
+            assert rel.startswith(os.path.join("runs", "bench", "cpu_")), rel
+            assert os.path.exists(os.path.join(w, "cpu.csv"))
+        assert written[0] != written[1]
+        assert {f: os.path.getmtime(os.path.join(bench_main.RESULTS, f))
+                for f in os.listdir(bench_main.RESULTS)} == committed
+    finally:
+        for w in written:
+            shutil.rmtree(w, ignore_errors=True)
