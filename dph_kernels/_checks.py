@@ -10,20 +10,42 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 IMPLS = ("auto", "triton", "torch", "reference")
 
 
-def check_tensor(name, x, *, ndim=None, min_ndim=None, dtypes=None, integer=False, device=None):
+def check_tensor(name, x, *, ndim=None, min_ndim=None, dtypes=None, integer=False, floating=False, shape=None,
+                 shape_of=None, device=None, device_of="hidden"):
+    """The one check of a tensor argument: type, dimensions / exact shape, dtype kind, device. Errors name `name`
+    (and `shape_of` / `device_of`, the argument the expected shape / device comes from)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device} but {device_of} is on {device}; put all inputs on one device")
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
     if min_ndim is not None and x.dim() < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(x.shape)}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        of = f" ({shape_of}'s shape)" if shape_of else ""
+        raise ValueError(f"{name} must have shape {tuple(shape)}{of}, got {tuple(x.shape)}")
     if integer and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
         raise TypeError(f"{name} must be an integer tensor (e.g. torch.long), got {x.dtype}")
+    if floating and not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     if dtypes is not None and x.dtype not in dtypes:
         raise TypeError(f"{name} has dtype {x.dtype}; expected one of {', '.join(str(d) for d in dtypes)}")
-    if device is not None and x.device != device:
-        raise ValueError(f"{name} is on {x.device} but hidden is on {device}; put all inputs on one device")
     return x
+
+
+def check_mask(name, mask, *, shape, shape_of=None, device=None, device_of="hidden"):
+    """A 0/1 selection: bool, or an integer / float tensor holding only 0 and 1 (a 0.5 is an error, not a 1).
+    Returns it as bool. (A non-bool mask costs one reduction, which syncs on CUDA.)"""
+    check_tensor(name, mask, shape=shape, shape_of=shape_of, device=device, device_of=device_of)
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name} must be a bool, integer or float tensor of 0 / 1, got {mask.dtype}")
+    if mask.dtype != torch.bool:
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+            raise ValueError(f"{name} must hold only 0 and 1 (or be bool), got {bad}")
+        mask = mask != 0
+    return mask
 
 
 def check_temperature(temperature):
@@ -80,12 +102,13 @@ def check_targets_range(targets, vocab, ignore_index, name="targets"):
 
 
 def check_linear_inputs(hidden, weight, targets, bias, *, allow_fp64, head="weight", hidden_name="hidden",
-                        targets_name="targets", bias_name="bias"):
-    """Shapes, dtypes, devices of a (hidden, weight, targets, bias) linear-head problem. Returns (N, D, V)."""
+                        targets_name="targets", bias_name="bias", device=None, device_of="hidden"):
+    """Shapes, dtypes, devices of a (hidden, weight, targets, bias) linear-head problem. Returns (N, D, V).
+    device / device_of: where hidden itself must live (a second head checked against the first)."""
     dtypes = FLOAT_DTYPES + ((torch.float64,) if allow_fp64 else ())
-    check_tensor(hidden_name, hidden, min_ndim=1, dtypes=dtypes)
+    check_tensor(hidden_name, hidden, min_ndim=1, dtypes=dtypes, device=device, device_of=device_of)
     device = hidden.device
-    check_tensor(head, weight, ndim=2, dtypes=dtypes, device=device)
+    check_tensor(head, weight, ndim=2, dtypes=dtypes, device=device, device_of=hidden_name)
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{head} has dtype {weight.dtype} but {hidden_name} has {hidden.dtype}; they must match")
     D = hidden.shape[-1]
@@ -96,12 +119,10 @@ def check_linear_inputs(hidden, weight, targets, bias, *, allow_fp64, head="weig
     if V == 0 or D == 0:
         raise ValueError(f"{head} must be non-empty, got shape {tuple(weight.shape)}")
     if targets is not None:
-        check_tensor(targets_name, targets, integer=True, device=device)
-        if tuple(targets.shape) != tuple(hidden.shape[:-1]):
-            raise ValueError(f"{targets_name} must have shape {tuple(hidden.shape[:-1])} (hidden's leading shape), "
-                             f"got {tuple(targets.shape)}")
+        check_tensor(targets_name, targets, integer=True, device=device, device_of=hidden_name,
+                     shape=hidden.shape[:-1], shape_of=f"{hidden_name}'s leading")
     if bias is not None:
-        check_tensor(bias_name, bias, ndim=1, device=device)
+        check_tensor(bias_name, bias, ndim=1, device=device, device_of=hidden_name)
         if bias.shape[0] != V:
             raise ValueError(f"{bias_name} must have shape ({V},), got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
@@ -110,3 +131,17 @@ def check_linear_inputs(hidden, weight, targets, bias, *, allow_fp64, head="weig
     if N == 0:
         raise ValueError(f"{hidden_name} is an empty batch (shape {tuple(hidden.shape)}); need at least one token")
     return N, D, V
+
+
+def check_ref_head(hidden, V, ref_hidden, ref_weight, ref_bias, *, allow_fp64):
+    """The reference head of an exact divergence against the policy head (hidden, V rows). Returns D_ref."""
+    _, Dr, Vr = check_linear_inputs(ref_hidden, ref_weight, None, ref_bias, allow_fp64=allow_fp64, head="ref_weight",
+                                    hidden_name="ref_hidden", bias_name="ref_bias", device=hidden.device)
+    if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"ref_hidden must have leading shape {tuple(hidden.shape[:-1])} (hidden's), "
+                         f"got {tuple(ref_hidden.shape[:-1])}")
+    if Vr != V:
+        raise ValueError(f"ref_weight must have V={V} rows (weight's vocabulary), got {Vr}")
+    if ref_hidden.dtype != hidden.dtype:
+        raise TypeError(f"ref_hidden has dtype {ref_hidden.dtype} but hidden has {hidden.dtype}; they must match")
+    return Dr

@@ -249,8 +249,42 @@ class FusedLinearDPHLoss(torch.nn.Module):
 
     def forward(self, hidden, weight, targets, loss_mask, is_pef, *, advantages=None, old_logp=None, ref_logp=None,
                 online_ref_logp=None, bias=None, normalizer=None, ref_hidden=None, ref_weight=None, ref_bias=None):
+        """The hybrid loss of one (micro-)batch of B sequences of T response positions.
+
+        Position t of row b scores token targets[b, t] from hidden[b, t]: the hidden state that *predicts* it, so
+        for a sequence of ids x the hidden states are those of x[:-1] and targets = x[1:] (the next tokens, shifted by
+        one); for a response after a prompt, hidden = the states at positions P-1 .. P+R-2 and targets = the R
+        response ids. Only positions with loss_mask set (and targets != ignore_index) count.
+
+        Args:
+            hidden: (B, T, D) float32 / bfloat16 / float16 / float64, the last hidden states (requires grad).
+            weight: (V, D), the lm_head weight; same dtype and device as hidden.
+            targets: (B, T) integer, the next tokens; values in [0, V) or ignore_index.
+            loss_mask: (B, T) bool (or 0 / 1 integer or float; any other value is an error): the response tokens.
+            is_pef: (B,) bool; True = a stored D_pef sample (divergence term), False = a D_exp rollout (PPO term).
+            advantages: (B,) or (B, T) float, per sequence / token; required when a D_exp row has loss tokens.
+            old_logp: (B, T) float, log pi_old of the D_exp tokens; None = on-policy (ratio 1, the loss's own
+                detached log-probs).
+            ref_logp: (B, T) float, the stored log pi_ref of the D_pef tokens; required for D_pef rows
+                (divergence_mode "sampled").
+            online_ref_logp: (B, T) float, log pi_ref of the D_exp tokens for the reverse-KL penalty (kl_beta != 0).
+            bias: optional (V,) lm_head bias.
+            normalizer: the step's token count (a number, or {"exp": n, "pef": m}) when a step is split into
+                micro-batches, so that the summed micro-batch losses equal one big batch's (see dk.aggregate).
+            ref_hidden (B, T, D_ref), ref_weight (V, D_ref), ref_bias (V,): the reference head, only for
+                divergence_mode="exact".
+            Outside their own rows the values of old_logp / ref_logp / online_ref_logp / advantages are never read
+            (padding may hold anything, even NaN). Every tensor must be on hidden's device.
+
+        Returns:
+            DPHLossOutput(loss, metrics, logp): loss a 0-dim tensor (L_exp + eta * L_pef; differentiable w.r.t.
+            hidden, weight, bias), metrics a dict of floats (loss terms, clip fractions, ratio, approx_kl,
+            divergence, token counts, entropy when computed), logp the (B, T) fp32 detached log pi_theta of the
+            targets (0 at unmasked positions) - log pi_old for a later PPO epoch.
+        """
         cfg = self.cfg
-        B, T, tok_exp, tok_pef, tok = self._check(hidden, weight, targets, loss_mask, is_pef)
+        B, T, tok_exp, tok_pef, tok = self._check(hidden, weight, targets, loss_mask, is_pef, bias,
+                                                  (ref_hidden, ref_weight, ref_bias))
         exact = cfg["divergence_mode"] == "exact"
         has_exp, has_pef = bool(tok_exp.any()), bool(tok_pef.any())
         if has_exp and advantages is None:
@@ -269,13 +303,17 @@ class FusedLinearDPHLoss(torch.nn.Module):
         tgt = torch.where(tok, targets, torch.full_like(targets, cfg["ignore_index"]))
         # Inputs the math reads outside their own set are later replaced by log pi_theta itself (ratio 1, finite),
         # so padding (even NaN / -inf) never reaches a value or a gradient.
-        old = self._pick("old_logp", old_logp, (B, T))
-        refl = None if exact else self._pick("ref_logp", ref_logp, (B, T))
-        oref = self._pick("online_ref_logp", online_ref_logp, (B, T)) if cfg["kl_beta"] else None
+        old = self._pick("old_logp", old_logp, targets)
+        refl = self._pick("ref_logp", ref_logp, targets)
+        oref = self._pick("online_ref_logp", online_ref_logp, targets)
+        if exact:
+            refl = None  # the exact divergence reads the reference head, not stored log-probs
+        if not cfg["kl_beta"]:
+            oref = None
         adv = torch.zeros((B, T), dtype=torch.float32, device=device)
         if advantages is not None:
             from .losses import broadcast_advantages
-            adv = torch.where(tok_exp, broadcast_advantages(advantages, (B, T)).to(device, torch.float32), adv)
+            adv = torch.where(tok_exp, broadcast_advantages(advantages, (B, T), device, "hidden").float(), adv)
 
         norm_exp, norm_pef = _split_normalizer(normalizer)
         w_exp = ref.aggregation_weights(tok_exp, cfg["loss_agg"], norm_exp, cfg["norm_length"])
@@ -324,31 +362,33 @@ class FusedLinearDPHLoss(torch.nn.Module):
         return DPHLossOutput(loss=loss, metrics=metrics, logp=lp0)
 
     # ---------------------------------------------------------------------------------------------------- helpers
-    def _check(self, hidden, weight, targets, loss_mask, is_pef):
-        _checks.check_tensor("hidden", hidden, ndim=3)
+    def _check(self, hidden, weight, targets, loss_mask, is_pef, bias, ref):
+        """hidden (B, T, D), targets / loss_mask (B, T), is_pef (B,); weight and bias are checked by the log-prob
+        path, the reference head here (when given). Returns B, T and the token masks."""
+        _checks.check_tensor("hidden", hidden, ndim=3, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
         B, T, _ = hidden.shape
-        _checks.check_tensor("targets", targets, integer=True, device=hidden.device)
-        if tuple(targets.shape) != (B, T):
-            raise ValueError(f"targets must have shape ({B}, {T}), got {tuple(targets.shape)}")
-        _checks.check_tensor("loss_mask", loss_mask, device=hidden.device)
-        if tuple(loss_mask.shape) != (B, T):
-            raise ValueError(f"loss_mask must have shape ({B}, {T}), got {tuple(loss_mask.shape)}")
-        _checks.check_tensor("is_pef", is_pef, device=hidden.device)
-        if tuple(is_pef.shape) != (B,):
-            raise ValueError(f"is_pef must have shape ({B},), got {tuple(is_pef.shape)}")
-        if is_pef.dtype != torch.bool:
-            raise TypeError(f"is_pef must be a bool tensor, got {is_pef.dtype}")
-        tok = loss_mask.bool() & (targets != self.cfg["ignore_index"])
+        _checks.check_linear_inputs(hidden, weight, targets, bias, allow_fp64=True)
+        loss_mask = _checks.check_mask("loss_mask", loss_mask, shape=(B, T), shape_of="targets", device=hidden.device)
+        _checks.check_tensor("is_pef", is_pef, shape=(B,), shape_of="hidden's batch", device=hidden.device,
+                             dtypes=(torch.bool,))
+        ref_hidden, ref_weight, ref_bias = ref
+        given = [n for n, x in zip(("ref_hidden", "ref_weight", "ref_bias"), ref) if x is not None]
+        if self.cfg["divergence_mode"] != "exact" and given:
+            raise ValueError(f"{given[0]} is only used with divergence_mode='exact' (this loss is 'sampled')")
+        if given:
+            if ref_hidden is None or ref_weight is None:
+                raise ValueError("divergence_mode='exact' needs both ref_hidden and ref_weight")
+            _checks.check_ref_head(hidden, weight.shape[0], ref_hidden, ref_weight, ref_bias, allow_fp64=True)
+        tok = loss_mask & (targets != self.cfg["ignore_index"])
         tok_pef = tok & is_pef[:, None]
         return B, T, tok & ~is_pef[:, None], tok_pef, tok
 
     @staticmethod
-    def _pick(name, x, shape):
+    def _pick(name, x, targets):
+        """A per-token float input (B, T) on hidden's device, as fp32 without grad (None stays None)."""
         if x is None:
             return None
-        _checks.check_tensor(name, x)
-        if tuple(x.shape) != tuple(shape):
-            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+        _checks.check_tensor(name, x, floating=True, shape=targets.shape, shape_of="targets", device=targets.device)
         return x.detach().to(torch.float32)
 
     def _metrics(self, loss, contrib, logp, old, ratio, flags, kl, div, entropy, tok, tok_exp, tok_pef, is_pef,

@@ -204,30 +204,19 @@ def linear_f_divergence(hidden, weight, ref_hidden, ref_weight, *, kind="fkl", a
         ref_hidden (..., D_ref), ref_weight (V, D_ref), ref_bias: the reference head (D_ref may differ from D).
             Constant unless ref_requires_grad=True.
         kind: as dk.f_divergence ("fkl", "fkl_k1" (equal to "fkl" here), "js", "alpha", "rkl", "tv", "hellinger").
-        mask: optional bool (...); masked-out positions give 0 and no gradient.
+        mask: optional (...) bool (or 0 / 1 integer or float; other values are an error); masked-out positions
+            give 0 and no gradient. Every tensor must be on hidden's device.
         impl: "auto" | "triton" | "torch" | "reference".
     Returns: fp32 (...).
     """
     _check_kind(kind, alpha)
     allow64 = impl in ("torch", "reference")
     N, D, V = _checks.check_linear_inputs(hidden, weight, None, bias, allow_fp64=allow64)
-    Nr, Dr, Vr = _checks.check_linear_inputs(ref_hidden, ref_weight, None, ref_bias, allow_fp64=allow64,
-                                             head="ref_weight", hidden_name="ref_hidden", bias_name="ref_bias")
-    if ref_hidden.device != hidden.device:
-        raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
-    if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"ref_hidden must have leading shape {tuple(hidden.shape[:-1])} (hidden's), "
-                         f"got {tuple(ref_hidden.shape[:-1])}")
-    if Vr != V:
-        raise ValueError(f"ref_weight must have V={V} rows (weight's vocabulary), got {Vr}")
-    if ref_hidden.dtype != hidden.dtype:
-        raise TypeError(f"ref_hidden has dtype {ref_hidden.dtype} but hidden has {hidden.dtype}; they must match")
+    Dr = _checks.check_ref_head(hidden, V, ref_hidden, ref_weight, ref_bias, allow_fp64=allow64)
     lead = hidden.shape[:-1]
     if mask is None:
         mask = torch.ones(lead, dtype=torch.bool, device=hidden.device)
-    _checks.check_tensor("mask", mask, device=hidden.device)
-    if tuple(mask.shape) != tuple(lead):
-        raise ValueError(f"mask must have shape {tuple(lead)}, got {tuple(mask.shape)}")
+    mask = _checks.check_mask("mask", mask, shape=lead, shape_of="hidden's leading", device=hidden.device)
     temperature = _checks.check_temperature(temperature)
     impl = _checks.resolve_impl(impl, hidden.device)
     if not ref_requires_grad:

@@ -338,7 +338,9 @@ def linear_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
     Args:
         hidden: (..., D) float32 / bfloat16 / float16 (float64 for impl="torch" / "reference").
         weight: (V, D), same dtype and device as hidden.
-        targets: (...) integer, hidden's leading shape; values in [0, V) or ignore_index.
+        targets: (...) integer, hidden's leading shape; values in [0, V) or ignore_index. targets[i] is the token
+            that hidden[i] predicts: for a causal LM over ids x, hidden = states of x[:-1], targets = x[1:] (the
+            next tokens, shifted by one).
         bias: optional (V,).
         temperature: > 0; applied in fp32 to the logits (and the bias).
         ignore_index: positions with this target give 0 and receive no gradient.

@@ -19,22 +19,20 @@ from . import _checks
 from . import reference as ref
 
 
-def _check_same_shape(name, x, shape):
-    _checks.check_tensor(name, x)
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+def _check_like(name, x, like, like_name):
+    """A per-token float input with the shape and device of `like` (argument `like_name`)."""
+    return _checks.check_tensor(name, x, floating=True, shape=like.shape, shape_of=like_name, device=like.device,
+                                device_of=like_name)
 
 
-def _check_mask(mask, shape):
-    _check_same_shape("mask", mask, shape)
-    if mask.dtype.is_floating_point and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask must hold only 0 and 1 (or be bool)")
-    return mask.bool()
+def _check_mask(mask, like, like_name, name="mask"):
+    return _checks.check_mask(name, mask, shape=like.shape, shape_of=like_name, device=like.device,
+                              device_of=like_name)
 
 
-def broadcast_advantages(advantages, shape):
+def broadcast_advantages(advantages, shape, device=None, device_of="logp"):
     """(B,) -> (B, T); (B, T) as is."""
-    _checks.check_tensor("advantages", advantages)
+    _checks.check_tensor("advantages", advantages, floating=True, device=device, device_of=device_of)
     if advantages.dim() == 1 and len(shape) == 2 and advantages.shape[0] == shape[0]:
         return advantages[:, None].expand(shape)
     if tuple(advantages.shape) == tuple(shape):
@@ -86,14 +84,25 @@ def ppo_metrics(logp, old_logp, ratio, clipped_low, clipped_high, clipped_dual, 
 
 def ppo_clip_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
                   loss_agg="token-mean", normalizer=None, norm_length=None):
-    """PPO-clip (GRPO / DAPO) loss over the tokens selected by mask. Returns (scalar loss, metrics dict).
+    """PPO-clip (GRPO / DAPO) loss over the tokens selected by mask.
 
-    logp, old_logp, mask: (B, T); advantages (B,) or (B, T). See the module docstring for `normalizer`.
+    Args:
+        logp: (B, T) (or any shape (..., T) with matching inputs) float, log pi_theta of the sampled tokens (grad).
+        old_logp: float, logp's shape and device, log pi_old of the same tokens (no gradient flows into it).
+        advantages: float, (B,) per sequence or logp's shape per token, on logp's device.
+        mask: logp's shape, bool (or 0 / 1 integer or float; any other value is an error): the tokens that count.
+        clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high]; dual_clip c > 1 bounds the loss
+            of negative-advantage tokens at c * |A| (None: off).
+        loss_agg, normalizer, norm_length: as dk.aggregate (see the module docstring for micro-batches).
+
+    Returns:
+        (loss, metrics): a 0-dim tensor in logp's dtype, differentiable w.r.t. logp; a dict of floats (clip
+        fractions low / high / dual, ratio_mean, approx_kl, n_tokens, loss).
     """
-    _checks.check_tensor("logp", logp, min_ndim=1)
-    _check_same_shape("old_logp", old_logp, logp.shape)
-    m = _check_mask(mask, logp.shape)
-    adv = broadcast_advantages(advantages, logp.shape)
+    _checks.check_tensor("logp", logp, min_ndim=1, floating=True)
+    _check_like("old_logp", old_logp, logp, "logp")
+    m = _check_mask(mask, logp, "logp")
+    adv = broadcast_advantages(advantages, logp.shape, logp.device)
     _check_clip(clip_low, clip_high, dual_clip)
     _check_agg(loss_agg)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
@@ -115,10 +124,11 @@ def f_divergence(log_ratio, kind, *, alpha=0.5, clamp=None):
     clamp=(lo, hi) clamps f (gradient 0 outside): the released DPH-F code clamps its forward-KL ("k3") term to
     (-10, 10) and also the log-ratio to +-20; with |log_ratio| <= 20 the latter never binds.
     Safe (finite value and gradient) for |log_ratio| <= 50 in float32.
+
+    log_ratio: float tensor of any shape; kind: one of dk.DIVERGENCES; alpha: for kind="alpha", in (0, 1).
+    Returns g, log_ratio's shape and dtype, differentiable w.r.t. log_ratio.
     """
-    _checks.check_tensor("log_ratio", log_ratio)
-    if not log_ratio.dtype.is_floating_point:
-        raise TypeError(f"log_ratio must be a floating tensor, got {log_ratio.dtype}")
+    _checks.check_tensor("log_ratio", log_ratio, floating=True)
     _check_kind(kind, alpha)
     g = ref.f_generator(log_ratio, kind, alpha)
     if clamp is not None:
@@ -127,19 +137,26 @@ def f_divergence(log_ratio, kind, *, alpha=0.5, clamp=None):
 
 
 def kl_penalty(logp, ref_logp, estimator="k3"):
-    """Per-token estimate of KL(pi_theta || pi_ref) on pi_theta's samples: k1 | k2 | k3 | abs (verl's names)."""
-    _checks.check_tensor("logp", logp)
-    _check_same_shape("ref_logp", ref_logp, logp.shape)
+    """Per-token estimate of KL(pi_theta || pi_ref) on pi_theta's samples: k1 | k2 | k3 | abs (verl's names).
+
+    logp: float, any shape, log pi_theta of the sampled tokens; ref_logp: float, logp's shape and device, log pi_ref
+    of the same tokens. Returns a tensor of logp's shape (differentiable w.r.t. both)."""
+    _checks.check_tensor("logp", logp, floating=True)
+    _check_like("ref_logp", ref_logp, logp, "logp")
     if estimator not in ref.KL_ESTIMATORS:
         raise ValueError(f"estimator must be one of {ref.KL_ESTIMATORS}, got {estimator!r}")
     return ref.kl_estimate(logp, ref_logp, estimator)
 
 
 def aggregate(values, mask, mode="token-mean", normalizer=None, norm_length=None):
-    """Aggregate per-token values (B, T) over mask with verl's loss_agg_mode semantics
-    (reference.aggregation_weights)."""
-    _checks.check_tensor("values", values, min_ndim=1)
-    m = _check_mask(mask, values.shape)
+    """Aggregate per-token values over mask with verl's loss_agg_mode semantics (reference.aggregation_weights).
+
+    values: (B, T) float; mask: values' shape and device, bool (or 0 / 1); mode: "token-mean" |
+    "seq-mean-token-mean" | "seq-mean-token-sum" | "seq-mean-token-sum-norm"; normalizer: the whole step's
+    denominator for micro-batches (module docstring); norm_length: the constant T of "seq-mean-token-sum-norm".
+    Returns a 0-dim tensor, differentiable w.r.t. values."""
+    _checks.check_tensor("values", values, min_ndim=1, floating=True)
+    m = _check_mask(mask, values, "values")
     _check_agg(mode)
     if normalizer is not None and not float(normalizer) > 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer}")
@@ -147,7 +164,10 @@ def aggregate(values, mask, mode="token-mean", normalizer=None, norm_length=None
 
 
 def grpo_advantages(rewards, group_size, *, norm_std=True, eps=1e-6):
-    """GRPO advantages: per group of `group_size` consecutive rewards, (R - mean) / (unbiased std + eps)."""
+    """GRPO advantages: per group of `group_size` consecutive rewards, (R - mean) / (unbiased std + eps).
+
+    rewards: (N,) (N a multiple of group_size; a group = the rollouts of one prompt, consecutive); integer or bool
+    rewards are read as float. norm_std=False: R - mean only (Dr. GRPO). Returns (N,) float."""
     _checks.check_tensor("rewards", rewards, ndim=1)
     if not rewards.dtype.is_floating_point:
         rewards = rewards.float()
