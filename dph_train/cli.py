@@ -130,7 +130,8 @@ class Session:
             raise ConfigError(f"task {cfg.task.name!r} (task.name / task.kwargs): {e}") from e
         mc = cfg.model if model_name is None else dataclasses.replace(cfg.model, name=model_name,
                                                                       tokenizer=model_name)
-        self.model, self.tok = load_model(mc, self.device)
+        with self.run.memory("load model"):
+            self.model, self.tok = load_model(mc, self.device)
         self.engine = make_engine(cfg.rollout, self.model, self.tok, cfg.model, self.device, self.run.p("engine"),
                                   seed=cfg.seed, max_new_tokens_cap=cfg.eval.max_new_tokens)
         self.run.log(f"[session] rollout backend: {self.engine.name}")
@@ -197,13 +198,17 @@ def cmd_run(cfg, args) -> dict:
     if args.resume and os.path.exists(run.p("presample", "summary.json")):
         run.log("[run] presample: reusing the stored data")
     else:
-        cmd_presample(cfg, args, s)
+        with run.memory("presample"):
+            cmd_presample(cfg, args, s)
     if args.resume and os.path.exists(run.p("eval", "base.json")):
         run.log("[run] eval base: reusing eval/base.json")
     else:
-        cmd_eval(cfg, args, s, tag="base")
-    train = cmd_train(cfg, args, s)
-    cmd_eval(cfg, args, s, tag="final")
+        with run.memory("eval base"):
+            cmd_eval(cfg, args, s, tag="base")
+    with run.memory("train"):
+        train = cmd_train(cfg, args, s)
+    with run.memory("eval final"):
+        cmd_eval(cfg, args, s, tag="final")
     wall = time.time() - t0
     report = write_report(cfg, run, dict(wall_seconds=wall, device=str(s.device)))
     evals = {k: v for k, v in load_evals(run.p("eval")).items() if k in ("base", "final")}
@@ -252,7 +257,8 @@ def main(argv: list | None = None) -> int:
     threads = torch.get_num_threads()
     try:
         fn = dict(presample=cmd_presample, train=cmd_train, eval=cmd_eval, run=cmd_run)[args.command]
-        fn(cfg, args)
+        with run.memory(args.command):
+            fn(cfg, args)
     except KeyboardInterrupt as e:
         run.fail(args.command, e)
         return 130

@@ -29,9 +29,51 @@ def seed_all(seed: int) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset; CPU: peak RSS since the last reset_peak_rss() (VmHWM)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+    return rss_mb()[1]
+
+
+def rss_mb() -> tuple:
+    """(current RSS, peak RSS since the last reset) of this process in MiB (Linux /proc; elsewhere both = the
+    lifetime peak from getrusage)."""
+    try:
+        with open("/proc/self/status") as f:
+            kv = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+        return int(kv["VmRSS"].split()[0]) / 1024, int(kv["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak, peak
+
+
+_OPEN_PHASES: dict = {}  # memory phase name -> the largest peak RSS seen in it so far (MiB)
+
+
+def release_memory() -> None:
+    """Free what Python and glibc hold but no longer use: gc, then malloc_trim (returns freed heap pages to the OS)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window (writes 5 to /proc/self/clear_refs, which resets VmHWM); the peak so far is
+    folded into every open memory phase first, so a phase's peak survives the resets inside it."""
+    peak = rss_mb()[1]
+    for k in _OPEN_PHASES:
+        _OPEN_PHASES[k] = max(_OPEN_PHASES[k], peak)
+    release_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def jsonable(x):
@@ -76,6 +118,10 @@ class RunDir:
         with open(self.p("log.txt"), "a") as f:
             f.write(line + "\n")
 
+    def memory(self, phase: str):
+        """with run.memory("train"): ...  logs "[mem] train: peak RSS X MiB, RSS after Y MiB" (CPU process RSS)."""
+        return _MemoryPhase(self, phase)
+
     def metrics(self, record: dict) -> None:
         with open(self.p("metrics.jsonl"), "a") as f:
             f.write(json.dumps(jsonable(record)) + "\n")
@@ -92,6 +138,24 @@ class RunDir:
             f.write(tb)
         if not quiet:
             print(f"[{command}] failed: {exc!r}; logs and checkpoints stay in {self.path}", file=sys.stderr)
+
+
+class _MemoryPhase:
+    def __init__(self, run, name):
+        self.run, self.name = run, name
+
+    def __enter__(self):
+        reset_peak_rss()
+        _OPEN_PHASES[self.name] = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        reset_peak_rss()  # folds this phase's last window in; the RSS after is read with the freed memory returned
+        self.peak = _OPEN_PHASES.pop(self.name)
+        self.rss = rss_mb()[0]
+        if exc[0] is None:
+            self.run.log(f"[mem] {self.name}: peak RSS {self.peak:.0f} MiB, RSS after {self.rss:.0f} MiB")
+        return False
 
 
 def read_jsonl(path: str) -> list:

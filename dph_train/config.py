@@ -125,6 +125,8 @@ class TrainConfig:
                          choices=("recompute", "on_policy"))
     save_every: int = knob(0, ge=0)  # 0: only the final checkpoint
     keep_checkpoints: int = knob(1, "keep the last K checkpoints (older ones are deleted)", ge=1)
+    # AdamW's moments are twice the model's size; without them --resume restarts the moments from zero
+    save_optimizer: bool = knob(False, "also save the optimizer state in checkpoints (for an exact --resume)")
     logp_impl: str = knob("auto", choices=("auto", "triton", "torch", "reference"))  # dk impl for log-probs and the loss
 
 

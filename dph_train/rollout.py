@@ -105,6 +105,10 @@ class HFEngine:
             self.model.to(torch.bfloat16).eval()
             for p in self.model.parameters():
                 p.requires_grad_(False)
+            # generate() hands lm_head the last position as a strided slice; torch 2.13's CPU bf16 linear on a
+            # non-contiguous (B, 1, D) input broadcasts the weight to B copies (+1.7 GB at B=32 for SmolLM2's
+            # 49152 x 576 head, measured). A contiguous input takes the plain GEMM path.
+            self.model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
         else:
             self.model = model
 
@@ -154,6 +158,10 @@ class HFEngine:
 
     def close(self):
         pass
+
+
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:])
 
 
 def vllm_available() -> bool:

@@ -28,7 +28,7 @@ import torch
 import dph_kernels as dk
 
 from .batching import Seq, collate, head_weight_like, pad_float, response_hidden, score_sequences
-from .common import encode_prompt, peak_memory_mb, write_json
+from .common import encode_prompt, peak_memory_mb, reset_peak_rss, write_json
 from .models import autocast, save_hf_folder
 
 DPH_METHODS = ("dph-f", "dph-js", "alpha")
@@ -202,6 +202,7 @@ class Trainer:
             params = [p for p in self.model.parameters() if p.grad is not None]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)) if params else 0.0
             self.opt.step()
+            self.opt.zero_grad(set_to_none=True)  # the gradients (one model's size) are not kept between steps
         m = acc.result()
         m.update(grad_norm=grad_norm, exp_tokens=n_exp, pef_tokens=n_pef)
         return m
@@ -211,6 +212,8 @@ class Trainer:
         t0 = time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_peak_rss()  # peak_memory_mb = this step's peak RSS
         exp_seqs, pef_seqs, info = self.collect(step)
         t1 = time.time()
         extra = self._fill_logps(exp_seqs)
@@ -251,8 +254,11 @@ class Trainer:
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         save_hf_folder(self.model, self.tok, tmp)
-        torch.save(dict(step=self.step, optimizer=self.opt.state_dict(), torch_rng=torch.get_rng_state(),
-                        python_rng=random.getstate()), os.path.join(tmp, "trainer_state.pt"))
+        # The optimizer state is twice the model's size (AdamW moments): written only when a resume is wanted.
+        state = dict(step=self.step, torch_rng=torch.get_rng_state(), python_rng=random.getstate())
+        if self.cfg.train.save_optimizer:
+            state["optimizer"] = self.opt.state_dict()
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         write_json(os.path.join(tmp, "COMPLETE.json"), dict(step=self.step, method=self.cfg.train.method))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -275,7 +281,11 @@ class Trainer:
         if tied:
             self.model.tie_weights()
         state = torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
-        self.opt.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.opt.load_state_dict(state["optimizer"])
+        else:
+            self.run.log(f"[train] {path} has no optimizer state (saved with train.save_optimizer=false): AdamW's "
+                         "moments start from zero")
         self.step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
