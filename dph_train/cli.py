@@ -4,6 +4,8 @@
     dph-train train --method dph-js [--resume] [...]            the RL loop (presets: grpo dapo rkl dph-f dph-js alpha)
     dph-train eval [--checkpoint base|latest|PATH] [--tag T]    Greedy + Pass@k on test and ood; JSON + PNG
     dph-train run [--method M] [--resume] [...]                 presample -> eval(base) -> train -> eval(final) -> report
+    dph-train compare [--config configs/compare_styles.yaml]    SFT -> per method train + eval, 3 seeds: the collapse
+                                                                and its cure side by side (compare.json, report.md)
 
 Config: dataclass defaults (the CPU schedule on SmolLM2 + arith) <- --config FILE (or <run_dir>/config.yaml when it
 exists) <- --section.key=value overrides, e.g. --train.steps=4 --run_dir=runs/try. Everything a run writes goes under
@@ -19,7 +21,7 @@ import time
 
 from .config import METHODS, load_config, save_config
 
-COMMANDS = ("presample", "train", "eval", "run")
+COMMANDS = ("presample", "train", "eval", "run", "compare")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -172,11 +174,28 @@ def cmd_run(cfg, args) -> dict:
     return dict(wall_seconds=wall, report=report, train=train, evals=json.loads(json.dumps(evals)))
 
 
+COMPARE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                              "compare_styles.yaml")
+
+
+def cmd_compare(cfg, args) -> dict:
+    from .compare import compare
+    from .compare_report import format_table
+
+    out = compare(cfg, log=print)
+    for split in ("test", "ood"):
+        print("\n" + format_table(out, split))
+    print(f"\nwall {out['wall_s']:.0f} s; report {os.path.join(os.path.abspath(cfg.run_dir), 'report.md')}")
+    return out
+
+
 def main(argv: list | None = None) -> int:
     args, rest = _parser().parse_known_args(argv)
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
     if bad:
         _parser().error(f"unrecognized arguments {bad}; config overrides look like --section.key=value")
+    if args.command == "compare" and args.config is None and os.path.exists(COMPARE_CONFIG):
+        args.config = COMPARE_CONFIG  # compare's own defaults: the styles task and the tiny SFT model
     cfg = resolve_config(args, rest)
     from .common import RunDir
 
@@ -193,7 +212,8 @@ def main(argv: list | None = None) -> int:
 
     threads = torch.get_num_threads()
     try:
-        fn = dict(presample=cmd_presample, train=cmd_train, eval=cmd_eval, run=cmd_run)[args.command]
+        fn = dict(presample=cmd_presample, train=cmd_train, eval=cmd_eval, run=cmd_run,
+                  compare=cmd_compare)[args.command]
         fn(cfg, args)
     except KeyboardInterrupt as e:
         run.fail(args.command, e)

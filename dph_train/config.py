@@ -113,6 +113,29 @@ class EvalConfig:
 
 
 @dataclass
+class SFTConfig:
+    """The tiny Llama that `dph-train compare` builds from a config and fine-tunes on the styles task."""
+    steps: int = 400
+    batch_size: int = 128
+    lr: float = 3e-3
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    intermediate_size: int = 256
+
+
+@dataclass
+class CompareConfig:
+    """`dph-train compare`: per seed SFT -> presample -> one RL run per method -> eval; base is always evaluated."""
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    methods: list = field(default_factory=lambda: ["grpo", "dapo", "rkl", "dph-f", "dph-js"])
+    # extra RKL runs with these kl_beta values (the preset "rkl" has 0.01), reported as a sweep beside the methods
+    rkl_betas: list = field(default_factory=list)
+    workers: int | None = None  # parallel worker processes (None: one per core; 1: everything in this process)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/cpu_smollm2_arith"
     seed: int = 0
@@ -124,6 +147,7 @@ class Config:
     presample: PresampleConfig = field(default_factory=PresampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 def to_dict(cfg) -> dict:
