@@ -7,10 +7,12 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 TRITON  ?= triton==3.6.0
-# Each `make run` writes a new run folder, so an earlier run's logs and checkpoints are never overwritten.
-RUN_DIR ?= runs/smollm2_arith_$(shell date +%Y%m%d_%H%M%S)
+# Each run writes a new run folder, so an earlier run's logs and checkpoints are never overwritten.
+STAMP_TIME := $(shell date +%Y%m%d_%H%M%S)
+RUN_DIR ?= runs/compare_$(STAMP_TIME)
+SMOLLM2_RUN_DIR ?= runs/smollm2_arith_$(STAMP_TIME)
 
-.PHONY: setup run test bench kernel-bench clean
+.PHONY: setup run run-smollm2 test bench kernel-bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -22,8 +24,13 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# The main job: GRPO's diversity collapse and DPH-RL's cure, side by side (configs/compare_styles.yaml).
 run: $(STAMP)
-	$(BIN)/dph-train run --run-dir=$(RUN_DIR)
+	$(BIN)/dph-train compare --config configs/compare_styles.yaml --run-dir=$(RUN_DIR)
+
+# The real-model run: SmolLM2-135M on arithmetic, presample -> eval -> train -> eval.
+run-smollm2: $(STAMP)
+	$(BIN)/dph-train run --config configs/cpu_smollm2_arith.yaml --run-dir=$(SMOLLM2_RUN_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -4,6 +4,8 @@
     dph-train train --method dph-js [--resume] [...]            the RL loop (presets: grpo dapo rkl dph-f dph-js alpha)
     dph-train eval [--checkpoint latest|base|PATH] [--tag T]    Greedy + Pass@k on test and ood; JSON + PNG
     dph-train run [--method M] [--resume] [...]                 presample -> eval(base) -> train -> eval(final) -> report
+    dph-train compare [--config configs/compare_styles.yaml]    SFT -> per method train + eval, 3 seeds: the collapse
+                                                                and its cure side by side (compare.json, report.md)
 
 Config: dataclass defaults (the CPU schedule on SmolLM2 + arith) <- --config FILE (or <run_dir>/config.yaml when it
 exists) <- --section.key=value overrides, e.g. --train.steps=4 --run_dir=runs/try. Everything a run writes goes under
@@ -21,19 +23,21 @@ import time
 
 from .config import METHODS, load_config, save_config
 
-COMMANDS = ("presample", "train", "eval", "run")
+COMMANDS = ("presample", "train", "eval", "run", "compare")
 # The config sections each command reads (--help lists their keys; top-level keys always). A command not named here
 # lists every section.
 COMMAND_SECTIONS = {
     "presample": ("model", "task", "rollout", "presample"),
     "train": ("model", "task", "rollout", "train"),
     "eval": ("model", "task", "rollout", "eval"),
+    "compare": ("task", "rollout", "presample", "train", "eval", "compare"),
 }
 COMMAND_HELP = {
     "presample": "sample pi_ref, split D_exp / D_pef, store D_pef",
     "train": "the RL loop (presets: " + " ".join(METHODS) + ")",
     "eval": "Greedy + Pass@k on the eval splits; JSON + PNG",
     "run": "presample -> eval(base) -> train -> eval(final) -> report",
+    "compare": "SFT -> presample -> every method -> eval, per seed: GRPO's collapse and DPH-RL's cure side by side",
 }
 
 
@@ -227,6 +231,21 @@ def _user_error(args, e: BaseException) -> int:
     return 2
 
 
+COMPARE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                              "compare_styles.yaml")
+
+
+def cmd_compare(cfg, args) -> dict:
+    from .compare import compare
+    from .compare_report import format_table
+
+    out = compare(cfg, log=print)
+    for split in ("test", "ood"):
+        print("\n" + format_table(out, split))
+    print(f"\nwall {out['wall_s']:.0f} s; report {os.path.join(os.path.abspath(cfg.run_dir), 'report.md')}")
+    return out
+
+
 def main(argv: list | None = None) -> int:
     from .config import ConfigError
 
@@ -235,10 +254,16 @@ def main(argv: list | None = None) -> int:
     bad = [r for r in rest if not (r.startswith("--") and "=" in r)]
     if bad:
         parser.error(f"unrecognized arguments {bad}; config overrides look like --section.key=value")
+    if args.command == "compare" and args.config is None and os.path.exists(COMPARE_CONFIG):
+        args.config = COMPARE_CONFIG  # compare's own defaults: the styles task and the tiny SFT model
     try:
         cfg = resolve_config(args, rest)
         if args.command == "eval":
             args.eval_target = _eval_target(cfg, args)  # before anything is written or loaded
+        if args.command == "compare":
+            from .compare import check_compare
+
+            check_compare(cfg)
     except (ConfigError, UsageError) as e:
         return _user_error(args, e)
     from .common import RunDir
@@ -256,7 +281,8 @@ def main(argv: list | None = None) -> int:
 
     threads = torch.get_num_threads()
     try:
-        fn = dict(presample=cmd_presample, train=cmd_train, eval=cmd_eval, run=cmd_run)[args.command]
+        fn = dict(presample=cmd_presample, train=cmd_train, eval=cmd_eval, run=cmd_run,
+                  compare=cmd_compare)[args.command]
         with run.memory(args.command):
             fn(cfg, args)
     except KeyboardInterrupt as e:

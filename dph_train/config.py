@@ -143,6 +143,28 @@ class EvalConfig:
 
 
 @dataclass
+class SFTConfig:
+    """The tiny Llama that `dph-train compare` builds from a config and fine-tunes on the styles task."""
+    steps: int = knob(400, "SFT optimizer steps", ge=1)
+    batch_size: int = knob(128, "SFT sequences per step", ge=1)
+    lr: float = knob(3e-3, "SFT AdamW learning rate", gt=0)
+    hidden_size: int = knob(64, "model width", ge=8)
+    layers: int = knob(2, "decoder layers", ge=1)
+    heads: int = knob(4, "attention heads (hidden_size must divide by it)", ge=1)
+    intermediate_size: int = knob(256, "MLP width", ge=1)
+
+
+@dataclass
+class CompareConfig:
+    """`dph-train compare`: per seed SFT -> presample -> one RL run per method -> eval; base is always evaluated."""
+    seeds: list = knob([0, 1, 2], "one SFT model and one RL run per method for each seed")
+    methods: list = knob(["grpo", "dapo", "rkl", "dph-f", "dph-js"], "train.method presets to compare")
+    rkl_betas: list = knob([], "extra rkl runs with these kl_beta (the preset has 0.01), reported as a sweep")
+    workers: int | None = knob(None, "parallel worker processes (null: one per core; 1: all in this process)", ge=1)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/cpu_smollm2_arith"  # everything a run writes goes here
     seed: int = 0  # seeds sampling and the data order
@@ -155,6 +177,7 @@ class Config:
     presample: PresampleConfig = field(default_factory=PresampleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
 def to_dict(cfg) -> dict:

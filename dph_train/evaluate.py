@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -47,13 +48,30 @@ def evaluate(cfg, model, tokenizer, task, engine, run, tag: str) -> dict:
         res["correct_counts"] = counts
         res["reasons"] = dict(reasons)
         res["mean_response_tokens"] = rb.n_response_tokens / len(rb)
+        style_of = getattr(task, "style_of", None)
+        if callable(style_of):  # tasks with answer styles: how diverse are the samples?
+            styles = [str(style_of(t)) for t in rb.texts]
+            res["style_counts"] = dict(Counter(styles))
+            res["style_entropy"] = entropy_bits(Counter(styles))  # of the split's samples pooled
+            # mean over prompts of the entropy of one prompt's n samples: a policy that learned which style each
+            # prompt needs has a high pooled entropy but a low per-prompt one
+            res["style_entropy_per_prompt"] = sum(entropy_bits(Counter(styles[i * ec.n:(i + 1) * ec.n]))
+                                                  for i in range(len(examples))) / len(examples)
         result["splits"][split] = res
         run.log(f"[eval {tag}] {split}: greedy={res.get('greedy', float('nan')):.3f} "
-                + " ".join(f"pass@{k}={v:.3f}" for k, v in pk.items()))
+                + " ".join(f"pass@{k}={v:.3f}" for k, v in pk.items())
+                + (f" style_entropy={res['style_entropy']:.2f} bits" if "style_entropy" in res else ""))
     result["seconds"] = round(time.time() - t0, 1)
     write_json(run.p("eval", f"{tag}.json"), result)
     plot_passk(run.p("eval"))
     return result
+
+
+def entropy_bits(counts: Counter) -> float:
+    """Entropy (bits) of a distribution given by counts; a response with no style counts as one more category
+    ("None"), so a policy that stops writing a style word is not scored as diverse."""
+    n = sum(counts.values())
+    return max(0.0, -sum(c / n * math.log2(c / n) for c in counts.values() if c)) if n else 0.0
 
 
 def load_evals(folder: str) -> dict:

@@ -46,7 +46,7 @@ def check_split(split: str) -> str:
 
 
 def get_task(name: str, **kwargs) -> Task:
-    """Build a task by name: "arith" | "sql" | "bird" | "spider". kwargs go to the task's constructor."""
+    """Build a task by name: "arith" | "sql" | "styles" | "bird" | "spider". kwargs go to the task's constructor."""
     # Imports are local so that importing the registry stays cheap.
     if name == "arith":
         from .arith import ArithTask
@@ -56,6 +56,10 @@ def get_task(name: str, **kwargs) -> Task:
         from .sql import SqlTask
 
         return SqlTask(**kwargs)
+    if name == "styles":
+        from .styles import StylesTask
+
+        return StylesTask(**kwargs)
     if name == "bird":
         from .bird_spider import BirdTask
 
@@ -64,7 +68,7 @@ def get_task(name: str, **kwargs) -> Task:
         from .bird_spider import SpiderTask
 
         return SpiderTask(**kwargs)
-    raise ValueError(f"unknown task name {name!r}; expected one of 'arith', 'sql', 'bird', 'spider'")
+    raise ValueError(f"unknown task name {name!r}; expected one of 'arith', 'sql', 'styles', 'bird', 'spider'")
 
 
 __all__ = ["SPLITS", "Example", "Score", "Task", "check_split", "get_task"]

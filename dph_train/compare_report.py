@@ -1,0 +1,247 @@
+"""Tables, checks and plots of a `dph-train compare` run, from its compare.json alone (so a report can be rebuilt)."""
+from __future__ import annotations
+
+import os
+import statistics
+
+from .common import read_jsonl
+
+SPLITS = ("test", "ood")
+METRICS = (("pass@1", "Pass@1", 100), ("pass@16", "Pass@16", 100), ("greedy", "Greedy", 100),
+           ("style_entropy", "Style entropy (bits)", 1), ("style_entropy_per_prompt", "per prompt (bits)", 1))
+
+
+def values(cmp: dict, method: str, split: str, metric: str) -> list:
+    """Per-seed values in seed order (seeds missing for this method are skipped)."""
+    per_seed = cmp["results"].get(method, {})
+    return [per_seed[str(s)][split][metric] for s in cmp["seeds"] if str(s) in per_seed]
+
+
+def paired(cmp: dict, method: str, other: str, split: str, metric: str) -> list:
+    a, b = cmp["results"].get(method, {}), cmp["results"].get(other, {})
+    return [a[str(s)][split][metric] - b[str(s)][split][metric] for s in cmp["seeds"] if str(s) in a and str(s) in b]
+
+
+def mean_sd(xs: list, scale: float = 1.0, signed: bool = False) -> str:
+    if not xs:
+        return "n/a"
+    m = statistics.mean(xs) * scale
+    sd = statistics.stdev(xs) * scale if len(xs) > 1 else 0.0
+    digits = 1 if scale == 100 else 2
+    return f"{m:+.{digits}f} ± {sd:.{digits}f}" if signed else f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def agree(xs: list) -> str:
+    """How many seeds agree with the sign of the mean difference."""
+    if not xs:
+        return ""
+    m = statistics.mean(xs)
+    if m == 0:
+        return f"{sum(1 for x in xs if x == 0)}/{len(xs)} equal"
+    n = sum(1 for x in xs if (x > 0) == (m > 0) and x != 0)
+    return f"{n}/{len(xs)} {'up' if m > 0 else 'down'}"
+
+
+def checks(cmp: dict) -> list:
+    """The issue's acceptance numbers, evaluated on this run: (statement, holds, evidence)."""
+    out = []
+    seeds = [str(s) for s in cmp["seeds"]]
+    base = cmp["results"].get("base", {})
+    for m in ("grpo", "dapo"):
+        r = cmp["results"].get(m)
+        if not r:
+            continue
+        ok, ev = [], []
+        for s in seeds:
+            if s not in r or s not in base:
+                continue
+            t, b = r[s]["test"], base[s]["test"]
+            ok.append(t["pass@16"] <= b["pass@16"] - 0.20 and t["style_entropy"] < 0.5 and t["pass@1"] > b["pass@1"])
+            ev.append(f"seed {s}: Pass@16 {100 * t['pass@16']:.1f} vs base {100 * b['pass@16']:.1f}, entropy "
+                      f"{t['style_entropy']:.2f} bits, Pass@1 {100 * t['pass@1']:.1f} vs base {100 * b['pass@1']:.1f}")
+        out.append((f"collapse: {m} test Pass@16 >= 20 points below base, style entropy < 0.5 bits and Pass@1 above "
+                    f"base, on every seed ({sum(ok)}/{len(ok)})", bool(ok) and all(ok), "; ".join(ev)))
+    grpo = cmp["results"].get("grpo", {})
+    for m in ("dph-f", "dph-js"):
+        r = cmp["results"].get(m)
+        if not r:
+            continue
+        d16 = paired(cmp, m, "base", "test", "pass@16")
+        d1 = paired(cmp, m, "grpo", "test", "pass@1") if grpo else []
+        n_ge = sum(1 for x in d1 if x >= 0)
+        holds = bool(d16) and statistics.mean(d16) >= -0.10 and n_ge * 3 >= 2 * max(1, len(d1))
+        out.append((f"cure: {m} test Pass@16 >= base - 10 points (mean) and Pass@1 >= grpo's on >= 2/3 of seeds",
+                    holds, f"Pass@16 - base = {mean_sd(d16, 100, True)} points; Pass@1 >= grpo on {n_ge}/{len(d1)}"))
+    return out
+
+
+def _table(cmp: dict, split: str) -> list:
+    lines = [f"### {split}", "", "| method | " + " | ".join(h for _, h, _ in METRICS) + " |",
+             "|---|" + "---|" * len(METRICS)]
+    for m in cmp["methods"]:
+        if cmp["results"].get(m):
+            lines.append(f"| {m} | " + " | ".join(mean_sd(values(cmp, m, split, k), sc) for k, _, sc in METRICS) + " |")
+    return lines + [""]
+
+
+def _paired_table(cmp: dict, split: str, other: str) -> list:
+    if not cmp["results"].get(other):
+        return []
+    cols = (("pass@1", "ΔPass@1", 100), ("pass@16", "ΔPass@16", 100), ("style_entropy", "Δentropy", 1),
+            ("style_entropy_per_prompt", "Δper-prompt entropy", 1))
+    lines = [f"Paired differences vs **{other}** on {split} (mean ± sd over seeds; seeds agreeing with the sign):", "",
+             "| method | " + " | ".join(f"{h} | seeds" for _, h, _ in cols) + " |", "|---|" + "---|---|" * len(cols)]
+    for m in cmp["methods"]:
+        if m == other or not cmp["results"].get(m):
+            continue
+        cells = []
+        for k, _, sc in cols:
+            d = paired(cmp, m, other, split, k)
+            cells += [mean_sd(d, sc, signed=True), agree(d)]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def format_table(cmp: dict, split: str = "test") -> str:
+    """The short table printed at the end of `make run`."""
+    head = f"{split}: mean ± sd over {len(cmp['seeds'])} seed(s)"
+    rows = [f"{'method':>9s} | {'Pass@1':>12s} | {'Pass@16':>12s} | {'Greedy':>12s} | {'style bits':>12s} | "
+            f"{'per prompt':>12s}"]
+    for m in cmp["methods"]:
+        if cmp["results"].get(m):
+            v = [mean_sd(values(cmp, m, split, k), sc) for k, _, sc in METRICS]
+            rows.append(f"{m:>9s} | " + " | ".join(f"{x:>12s}" for x in v))
+    return head + "\n" + "\n".join(rows)
+
+
+def write_report(cmp: dict, root: str) -> str:
+    cfg = cmp["config"]
+    plots = write_plots(cmp, root)
+    n_test = cfg["task"]["kwargs"].get("n_test", "?")
+    lines = ["# dph-train compare: GRPO's diversity collapse and DPH-RL's cure on the styles task", "",
+             f"Seeds {cmp['seeds']}; every method starts from the seed's SFT model; eval on {n_test} held-out prompts "
+             f"per split, n={cfg['eval']['n']} samples per prompt (T={cfg['eval']['temperature']}, "
+             f"top_p={cfg['eval']['top_p']}), unbiased Pass@k; greedy accuracy; style entropy of the split's samples "
+             f"pooled and its mean per prompt (bits; 4 styles -> at most 2, more only with responses without a style "
+             f"word). RL: {cfg['train']['steps']} "
+             f"steps x {cfg['train']['prompts_per_step']} prompts x G={cfg['train']['group_size']}, "
+             f"lr={cfg['train']['lr']}, presets unchanged. Wall {cmp['wall_s']:.0f} s.", ""]
+    lines += ["## Results", ""]
+    for split in SPLITS:
+        lines += _table(cmp, split)
+    lines += ["## Paired differences", ""]
+    for split in SPLITS:
+        lines += _paired_table(cmp, split, "base") + _paired_table(cmp, split, "grpo")
+    lines += ["## The issue's numbers, checked on this run", ""]
+    for statement, holds, evidence in checks(cmp):
+        lines.append(f"- **{'holds' if holds else 'does NOT hold'}** — {statement}. {evidence}")
+    lines += ["", "## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
+    lines += ["", "## What this toy shows, and what it does not", "",
+              "- It shows the mechanism on a model small enough to train on a CPU in minutes: after SFT the policy "
+              "samples four styles about equally; under GRPO the most-rewarded style (copy, valid on 70% of prompts) "
+              "takes over before the prompt feature that names the valid style is learned, so the prompts that need "
+              "another style are lost (Pass@16 falls). A mass-covering divergence to stored pi_ref samples on the "
+              "prompts the base model always solves keeps the other styles alive, exploration on D_exp keeps finding "
+              "them rewarded, and the cue gets learned.",
+              "- It does not show the paper's numbers, models or tasks; the sizes (2-layer Llama, 17-token vocabulary, "
+              "one-token style choice) are chosen so that the whole comparison runs in minutes. Which effect wins the "
+              "race (collapse or learning the cue) depends on the learning rate and the number of steps: read the "
+              "seeds, not only the means.",
+              "- ood re-maps the style-naming letters (never trained on). A policy that learned the training mapping "
+              "is confidently wrong there: its pooled style entropy stays high (different prompts, different "
+              "styles) while its per-prompt entropy is low, and its ood Pass@16 can fall as far as a collapsed "
+              "policy's. This toy does not reproduce the paper's ood gain of DPH-RL; read the ood table as "
+              "measured.",
+              "- With one PPO epoch on on-policy samples the ratio is exactly 1, so clip bounds never bind: dapo "
+              "(clip-higher) differs from grpo only where the config gives ppo_epochs > 1."
+              if cfg["train"]["ppo_epochs"] == 1 else
+              f"- ppo_epochs={cfg['train']['ppo_epochs']}: the later epochs are off-policy, so the clip bounds (dapo's "
+              "clip-higher) act.",
+              ""]
+    if any(m.startswith("rkl-b") for m in cmp["methods"]):
+        lines += ["RKL with a larger beta (the sweep above, rows rkl-b*) is reported as measured: a reverse-KL "
+                  "penalty to the live reference model also holds the policy near pi_ref, at the price of a reference "
+                  "forward every step.", ""]
+    path = os.path.join(root, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def write_plots(cmp: dict, root: str) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in cmp["methods"] if cmp["results"].get(m)]
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    paths = []
+
+    fig, axes = plt.subplots(1, len(SPLITS), figsize=(6 * len(SPLITS), 4.2), squeeze=False)
+    for ax, split in zip(axes[0], SPLITS):
+        for m in methods:
+            runs = [cmp["results"][m][str(s)][split]["pass_at_k"] for s in cmp["seeds"] if str(s) in cmp["results"][m]]
+            ks = sorted(int(k) for k in runs[0])
+            mean = [statistics.mean(r[str(k)] for r in runs) for k in ks]
+            sd = [statistics.stdev([r[str(k)] for r in runs]) if len(runs) > 1 else 0.0 for k in ks]
+            ax.errorbar(ks, mean, yerr=sd, marker="o", capsize=3, label=m, color=colors[m],
+                        linestyle="--" if m == "base" else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k")
+        ax.set_ylabel("Pass@k")
+        ax.set_title(f"{split} (mean ± sd over {len(cmp['seeds'])} seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(root, "passk.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    styles = sorted({st for m in methods for s in cmp["results"][m].values() for sp in SPLITS
+                     for st in s[sp]["style_counts"]})
+    fig, axes = plt.subplots(1, len(SPLITS), figsize=(6 * len(SPLITS), 4.2), squeeze=False)
+    for ax, split in zip(axes[0], SPLITS):
+        bottom = [0.0] * len(methods)
+        for st in styles:
+            frac = []
+            for m in methods:
+                tot = {k: 0 for k in styles}
+                for s in cmp["results"][m].values():
+                    for k, v in s[split]["style_counts"].items():
+                        tot[k] += v
+                frac.append(tot[st] / max(1, sum(tot.values())))
+            ax.bar(methods, frac, bottom=bottom, label=st)
+            bottom = [b + f for b, f in zip(bottom, frac)]
+        ax.set_ylabel("share of samples")
+        ax.set_title(f"style of the samples, {split} (all seeds)")
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    paths.append(os.path.join(root, "styles.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for m in methods:
+        if m == "base":
+            continue
+        curves = [read_jsonl(os.path.join(root, f"seed_{s}", m, "metrics.jsonl")) for s in cmp["seeds"]]
+        curves = [[r["reward_mean"] for r in c if r.get("reward_mean") is not None] for c in curves if c]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        mean = [statistics.mean(c[i] for c in curves) for i in range(n)]
+        w = max(1, n // 15)  # moving average: one step's reward is a few dozen groups
+        smooth = [statistics.mean(mean[max(0, i - w + 1):i + 1]) for i in range(n)]
+        ax.plot(range(1, n + 1), smooth, label=m, color=colors[m])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training reward (D_exp rollouts, moving mean)")
+    ax.set_title("reward over training (mean over seeds); dph-* roll out on D_exp only")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(root, "training.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
