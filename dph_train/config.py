@@ -64,7 +64,7 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "arith"  # arith | sql | bird | spider
+    name: str = "arith"  # arith | math | sql | bird | spider
     kwargs: dict = field(default_factory=dict)  # forwarded to get_task (e.g. root=..., n_train=...)
     seed: int = 0  # seeds the task's prompt generation / split
     chat_template: bool = True  # wrap the prompt as one user message with the tokenizer's chat template

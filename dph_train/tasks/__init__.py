@@ -46,12 +46,16 @@ def check_split(split: str) -> str:
 
 
 def get_task(name: str, **kwargs) -> Task:
-    """Build a task by name: "arith" | "sql" | "styles" | "bird" | "spider". kwargs go to the task's constructor."""
+    """Build a task by name: "arith" | "math" | "sql" | "styles" | "bird" | "spider"; kwargs go to its constructor."""
     # Imports are local so that importing the registry stays cheap.
     if name == "arith":
         from .arith import ArithTask
 
         return ArithTask(**kwargs)
+    if name == "math":
+        from .math import MathTask
+
+        return MathTask(**kwargs)
     if name == "sql":
         from .sql import SqlTask
 
@@ -68,7 +72,7 @@ def get_task(name: str, **kwargs) -> Task:
         from .bird_spider import SpiderTask
 
         return SpiderTask(**kwargs)
-    raise ValueError(f"unknown task name {name!r}; expected one of 'arith', 'sql', 'styles', 'bird', 'spider'")
+    raise ValueError(f"unknown task name {name!r}; expected one of 'arith', 'math', 'sql', 'styles', 'bird', 'spider'")
 
 
 __all__ = ["SPLITS", "Example", "Score", "Task", "check_split", "get_task"]

@@ -2,18 +2,18 @@
 
 In-domain (train / test, disjoint): "a + b", "a - b" with 1-2 digit operands and "a * b" with a 1-digit multiplier.
 Out-of-domain: 3-digit operands (+ and -), an operand length never seen in training.
-Answer: the last \\boxed{...} if the response has one, else the last number in the text; reward 1 iff it equals
-the gold integer (so "12.0", "1,234" and "\\boxed{-35}." are all read as numbers).
+Answer: the last \\boxed{...} if the response has one, else the last number in the text; reward 1 iff math-verify
+(the math task's verifier, dph_train/tasks/math.py) finds it equal to the gold integer (so "12.0", "1,234" and
+"\\boxed{-35}." are all read as numbers).
 """
 from __future__ import annotations
 
 import random
 import re
-from fractions import Fraction
 
 from . import Example, Score, check_split
 
-REASONS = ("ok", "mismatch", "no_answer")
+REASONS = ("ok", "mismatch", "no_answer", "parse_failure", "timeout")
 
 _BOXED = re.compile(r"\\boxed\s*\{")
 # A number not glued to a word or a preceding digit: "5-3" reads as 5 and 3, "= -35" as -35, "1,234.5" as one number.
@@ -54,14 +54,6 @@ def extract_answer(text: str) -> str | None:
     return numbers[-1].replace(",", "")
 
 
-def answers_equal(pred: str, gold: str) -> bool:
-    """Exact numeric equality, so 12.0 == 12 without float rounding."""
-    try:
-        return Fraction(pred) == Fraction(gold)
-    except (ValueError, ZeroDivisionError):
-        return False
-
-
 class ArithTask:
     name = "arith"
     REASONS = REASONS
@@ -89,12 +81,13 @@ class ArithTask:
 
     def score(self, example: Example, response: str) -> Score:
         try:
+            from .math import verify_answer
+
             pred = extract_answer(response)
             if pred is None:
                 return Score(0.0, "no_answer")
-            if answers_equal(pred, str(example.answer)):
-                return Score(1.0, "ok")
-            return Score(0.0, "mismatch", f"got {pred}, want {example.answer}")
+            s = verify_answer(str(example.answer), pred)
+            return s if s.reason != "mismatch" else Score(0.0, "mismatch", f"got {pred}, want {example.answer}")
         except Exception as e:  # scoring must never crash training; the reason keeps the failure visible
             return Score(0.0, "no_answer", f"scorer error: {e!r}")
 
