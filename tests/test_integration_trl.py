@@ -265,9 +265,9 @@ def test_ddp_two_processes_train_and_stay_in_sync(model_dir, tmp_path):
     worker = os.path.join(os.path.dirname(__file__), "trl_ddp_worker.py")
     out = tmp_path / "ddp.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", worker,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", worker,
            model_dir, str(tmp_path / "run"), str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert rep["world_size"] == 2 and rep["backend"] == "gloo"

@@ -46,7 +46,8 @@ def main(model_dir, out_dir, report):
                    steps=tr.state.global_step, dph_loss_calls=calls_all)
         with open(report, "w") as f:
             json.dump(rep, f)
-    dist.barrier()
+    dist.barrier()  # before destroy_process_group: without both, gloo can abort at exit
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
