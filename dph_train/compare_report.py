@@ -216,7 +216,7 @@ def write_plots(cmp: dict, root: str) -> list:
         ax.set_ylabel("share of samples")
         ax.set_title(f"style of the samples, {split} (all seeds)")
         ax.tick_params(axis="x", rotation=30)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     paths.append(os.path.join(root, "styles.png"))
     fig.savefig(paths[-1], dpi=100)
