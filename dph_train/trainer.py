@@ -305,7 +305,7 @@ class Trainer:
                 self.run.log("[train] --resume: no checkpoint yet, starting from step 0")
         self.run.log(f"[train] method={tc.method} steps={self.total_steps} D_exp prompts={len(self.exp_examples)} "
                      f"stored D_pef samples={len(self.pef_rows)} G={tc.group_size} prompts/step={tc.prompts_per_step} "
-                     f"pef/step={tc.pef_per_step if self.pef_rows else 0} lr={tc.lr}")
+                     f"pef/step={min(tc.pef_per_step, len(self.pef_rows))} lr={tc.lr}")
         self.run.status("training", step=self.step, total_steps=self.total_steps)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {tc.method}", unit="step")
         t0 = time.time()
