@@ -28,7 +28,7 @@ import torch
 import dph_kernels as dk
 
 from .batching import Seq, collate, head_weight_like, pad_float, response_hidden, score_sequences
-from .common import encode_prompt, peak_memory_mb, reset_peak_rss, write_json
+from .common import encode_prompt, peak_memory_mb, reset_peak_rss, trim_heap, write_json
 from .models import autocast, save_hf_folder
 
 DPH_METHODS = ("dph-f", "dph-js", "alpha")
@@ -199,6 +199,9 @@ class Trainer:
                     out = self._micro_loss(mb, normalizer)
                     out.loss.backward()
                     acc.add(out.metrics)
+                    del out
+                    if self.device.type == "cpu":
+                        trim_heap()  # this micro-batch's activations go back to the OS before the next one
             params = [p for p in self.model.parameters() if p.grad is not None]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)) if params else 0.0
             self.opt.step()
