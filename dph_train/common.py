@@ -50,16 +50,31 @@ def rss_mb() -> tuple:
 _OPEN_PHASES: dict = {}  # memory phase name -> the largest peak RSS seen in it so far (MiB)
 
 
+def trim_heap() -> None:
+    """glibc malloc_trim: hand the heap pages freed tensors left behind back to the OS. Without it, activations freed
+    after one micro-batch's backward stay resident and the next micro-batch's land beside them (measured on the
+    SmolLM2 run: ~0.3 GB more peak RSS per step)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 def release_memory() -> None:
-    """Free what Python and glibc hold but no longer use: gc, then malloc_trim (returns freed heap pages to the OS)."""
-    import ctypes
+    """Free what Python and glibc hold but no longer use: gc, then malloc_trim."""
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
 
 
 def reset_peak_rss() -> None:

@@ -111,8 +111,8 @@ class TrainConfig:
     epochs: float = knob(1.0, "passes over D_exp when steps is null", gt=0)
     prompts_per_step: int = knob(2, ge=1)  # D_exp prompts per step
     group_size: int = knob(8, ge=2)  # rollouts per prompt (G)
-    pef_per_step: int = knob(4, ge=0)  # stored D_pef sequences per step (0: none)
-    micro_batch_size: int = knob(8, ge=1)  # sequences per forward/backward
+    pef_per_step: int = knob(4, ge=0)  # stored D_pef sequences per step, at most (fewer stored: each once; 0: none)
+    micro_batch_size: int = knob(4, ge=1)  # sequences per forward/backward (bounds the activation memory)
     lr: float = knob(1e-5, "AdamW learning rate", ge=0)
     weight_decay: float = knob(0.01, "AdamW weight decay", ge=0)
     betas: tuple = (0.9, 0.999)  # AdamW betas
@@ -127,7 +127,8 @@ class TrainConfig:
     keep_checkpoints: int = knob(1, "keep the last K checkpoints (older ones are deleted)", ge=1)
     # AdamW's moments are twice the model's size; without them --resume restarts the moments from zero
     save_optimizer: bool = knob(False, "also save the optimizer state in checkpoints (for an exact --resume)")
-    logp_impl: str = knob("auto", choices=("auto", "triton", "torch", "reference"))  # dk impl for log-probs and the loss
+    logp_impl: str = knob("auto", "dk impl for log-probs and the loss",
+                          choices=("auto", "triton", "torch", "reference"))
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 import dph_kernels as dk
 
 from .batching import Seq, collate, head_weight_like, pad_float, response_hidden, score_sequences
-from .common import encode_prompt, peak_memory_mb, reset_peak_rss, write_json
+from .common import encode_prompt, peak_memory_mb, reset_peak_rss, trim_heap, write_json
 from .models import autocast, save_hf_folder
 
 DPH_METHODS = ("dph-f", "dph-js", "alpha")
@@ -199,6 +199,9 @@ class Trainer:
                     out = self._micro_loss(mb, normalizer)
                     out.loss.backward()
                     acc.add(out.metrics)
+                    del out
+                    if self.device.type == "cpu":
+                        trim_heap()  # this micro-batch's activations go back to the OS before the next one
             params = [p for p in self.model.parameters() if p.grad is not None]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)) if params else 0.0
             self.opt.step()
@@ -305,7 +308,7 @@ class Trainer:
                 self.run.log("[train] --resume: no checkpoint yet, starting from step 0")
         self.run.log(f"[train] method={tc.method} steps={self.total_steps} D_exp prompts={len(self.exp_examples)} "
                      f"stored D_pef samples={len(self.pef_rows)} G={tc.group_size} prompts/step={tc.prompts_per_step} "
-                     f"pef/step={tc.pef_per_step if self.pef_rows else 0} lr={tc.lr}")
+                     f"pef/step={min(tc.pef_per_step, len(self.pef_rows))} lr={tc.lr}")
         self.run.status("training", step=self.step, total_steps=self.total_steps)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {tc.method}", unit="step")
         t0 = time.time()

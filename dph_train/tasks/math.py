@@ -135,7 +135,7 @@ class MathTask:
         seed is accepted for the common interface; the files' order is the order."""
         _mv()
         if not (isinstance(timeout_s, int) and timeout_s >= 1):
-            raise ValueError(f"timeout_s must be an int >= 1 (math-verify's alarm has whole seconds), got {timeout_s!r}")
+            raise ValueError(f"timeout_s must be an int >= 1 (math-verify's alarm counts seconds), got {timeout_s!r}")
         self.seed, self.timeout_s = seed, timeout_s
         self._splits = {}
         for split, path, n in (("train", train, n_train), ("test", test, n_test), ("ood", ood, n_ood)):
