@@ -60,6 +60,11 @@ def test_compare_tiny_end_to_end(tmp_path):
     assert "kl_beta: 0.1" in cfg
     assert wall < 60, f"tiny compare took {wall:.0f} s"
 
+    # the same jobs in 2 spawned worker processes (the default path of `make run`) give the same numbers
+    pooled = tmp_path / "pooled"
+    assert cli.main(["compare", f"--run-dir={pooled}", "--compare.workers=2"] + TINY) == 0
+    assert json.loads((pooled / "compare.json").read_text())["results"] == out["results"]
+
 
 def test_compare_rejects_bad_settings_in_one_line(tmp_path, capsys):
     for bad, key in (("--task.name=arith", "task.name"), ("--compare.methods=[grpo, ppo]", "compare.methods"),
