@@ -11,6 +11,8 @@ with a printed reason.
                  impl="torch_compile" elsewhere
     trl          TRL's chunked log-prob kernel (trl/kernels/chunked_logprob.py, what GRPOTrainer uses since 1.15) for
                  logprob and logprob-ent: Triton on CUDA, its torch tiles elsewhere
+    verl         verl's FusedLinearForPPO (verl/utils/experimental/torch_functional.py, the model.use_fused_kernels
+                 path's torch backend) for logprob and logprob-ent; verl lives in its own venv (.venv-verl)
 
 Every provider's `make` returns a zero-argument forward closure whose result is the op's canonical output
 (log-probs, not cross-entropies; see ops.py). `output_kind` says how that output relates to the eager one:
@@ -25,7 +27,7 @@ import torch
 
 from . import ops
 
-BASELINES = ["eager", "compile", "liger", "cce", "trl"]
+BASELINES = ["eager", "compile", "liger", "cce", "trl", "verl"]
 DPH = ["dph-triton", "dph-torch"]
 ALL = DPH + BASELINES
 
@@ -357,6 +359,37 @@ class TRLProvider(Provider):
         return fwd
 
 
+class VerlProvider(Provider):
+    name = "verl"
+    CHUNK = 512  # FusedLinearForPPO's default token chunk
+
+    def unavailable(self, device):
+        try:
+            importlib.import_module("verl.utils.experimental.torch_functional")
+        except Exception as e:  # noqa: BLE001
+            return (f"verl does not import ({type(e).__name__}: {e}); it needs its own venv: make test-verl, then "
+                    "run the benchmark with .venv-verl/bin/python")
+        return None
+
+    def unsupported(self, op, device):
+        return None if ops.FAMILY[op] == "logprob" else "FusedLinearForPPO computes log-probs and entropies only"
+
+    def note(self, op, device):
+        return f"FusedLinearForPPO(chunk_size={self.CHUNK}, impl_backend='torch'), verl {version_of('verl')}; " \
+               "always computes the entropy"
+
+    def make(self, op, inp, device):
+        from verl.utils.experimental.torch_functional import FusedLinearForPPO
+
+        f = FusedLinearForPPO(chunk_size=self.CHUNK, impl_backend="torch")
+
+        def fwd():
+            lp, ent = f(inp.hidden, inp.weight, inp.targets)
+            return (lp, ent) if op == "logprob-ent" else lp
+
+        return fwd
+
+
 def all_providers() -> dict[str, Provider]:
     return {p.name: p for p in [DphProvider("triton"), DphProvider("torch"), EagerProvider(), CompileProvider(),
-                                LigerProvider(), CCEProvider(), TRLProvider()]}
+                                LigerProvider(), CCEProvider(), TRLProvider(), VerlProvider()]}
