@@ -10,7 +10,7 @@ TRITON  ?= triton==3.6.0
 # Each `make run` writes a new run folder, so an earlier run's logs and checkpoints are never overwritten.
 RUN_DIR ?= runs/smollm2_arith_$(shell date +%Y%m%d_%H%M%S)
 
-.PHONY: setup run test test-verl bench kernel-bench clean
+.PHONY: setup run test bench kernel-bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -21,18 +21,6 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 setup: $(STAMP)
-
-# verl 0.9.1 pins transformers < 5.11, so its adapter is tested in a venv of its own (~3 min to set up, 1.9 GB).
-VERL_VENV  := .venv-verl
-VERL_STAMP := $(VERL_VENV)/.installed
-$(VERL_STAMP): pyproject.toml Makefile
-	$(PY) -m venv $(VERL_VENV)
-	$(VERL_VENV)/bin/pip install -q --disable-pip-version-check $(TORCH) $(TRITON) "numpy<2.4"
-	$(VERL_VENV)/bin/pip install -q --disable-pip-version-check -e ".[verl,dev]"
-	touch $(VERL_STAMP)
-
-test-verl: $(VERL_STAMP)
-	$(VERL_VENV)/bin/python -m pytest -q tests/test_integration_verl.py
 
 run: $(STAMP)
 	$(BIN)/dph-train run --run-dir=$(RUN_DIR)
@@ -48,3 +36,16 @@ kernel-bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+.PHONY: test-verl
+# verl 0.9.1 pins transformers < 5.11, so its adapter is tested in a venv of its own (~3 min to set up, 1.9 GB).
+VERL_VENV  := .venv-verl
+VERL_STAMP := $(VERL_VENV)/.installed
+$(VERL_STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/pip install -q --disable-pip-version-check $(TORCH) $(TRITON) "numpy<2.4"
+	$(VERL_VENV)/bin/pip install -q --disable-pip-version-check -e ".[verl,dev]"
+	touch $(VERL_STAMP)
+
+test-verl: $(VERL_STAMP)
+	$(VERL_VENV)/bin/python -m pytest -q tests/test_integration_verl.py
