@@ -82,3 +82,44 @@ def test_unsupported_aggregation_is_named():
                           use_dynamic_bsz=False)
     with pytest.raises(ValueError, match="token-sum"):
         dkverl.dph_ppo_policy_loss(data["old_log_probs"], logp, data["advantages"], mask, "token-sum", cfg)
+
+
+def test_dph_whole_loss_matches_fused_dph_loss():
+    """verl whole loss (log-probs from dk.linear_logprob, packed as verl packs them) == dk.FusedLinearDPHLoss on the
+    same hidden states: loss and gradients, with D_exp and D_pef rows mixed."""
+    import dph_kernels as dk
+
+    B, P, R, D, V = 4, 3, 6, 16, 50
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(B, R, D, generator=g, requires_grad=True)
+    W = torch.randn(V, D, generator=g) * 0.5
+    y = torch.randint(0, V, (B, R), generator=g)
+    mask = torch.ones(B, R)
+    mask[1, 4:] = 0
+    is_pef = torch.tensor([False, False, True, True])
+    adv = torch.randn(B, R, generator=g)
+    with torch.no_grad():
+        lp0 = dk.linear_logprob(h, W, y)
+    old = lp0 + 0.3 * torch.randn(B, R, generator=g)
+    ref = (lp0 - 0.5 * torch.rand(B, R, generator=g)).clamp(max=0)
+    fused = dk.FusedLinearDPHLoss(divergence="js", eta=0.3, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
+                                  loss_agg="token-mean", impl="torch")
+    want = fused(h, W, y, mask.bool(), is_pef, advantages=adv, old_logp=old, ref_logp=ref)
+    (gw,) = torch.autograd.grad(want.loss, h)
+
+    logp = dk.linear_logprob(h, W, y)
+    resp_len = mask.sum(-1).long()
+    packed = torch.cat([torch.cat([torch.zeros(P - 1), logp[i, :int(resp_len[i])], torch.zeros(1)]) for i in range(B)])
+    data = TensorDict(dict(prompts=torch.ones(B, P, dtype=torch.long), responses=y,
+                           attention_mask=torch.cat([torch.ones(B, P, dtype=torch.long), mask.long()], 1),
+                           response_mask=mask, old_log_probs=old, advantages=adv, is_pef=is_pef,
+                           pef_ref_log_prob=ref), batch_size=B)
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int((mask.bool() & ~is_pef[:, None]).sum()),
+                         global_batch_size=2)
+    cfg = FSDPActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, ppo_mini_batch_size=4, rollout_n=1,
+                          use_dynamic_bsz=False, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+    loss, metrics = dkverl.make_dph_loss("js", eta=0.3)(cfg, {"log_probs": packed}, data)
+    (gv,) = torch.autograd.grad(loss, h)
+    assert float(loss.detach()) == pytest.approx(float(want.loss.detach()), rel=1e-5)
+    torch.testing.assert_close(gv, gw, rtol=1e-4, atol=1e-6)
+    assert metrics["actor/dph_pef_tokens"] == 12 and metrics["actor/dph_divergence_mean"] > 0

@@ -10,7 +10,11 @@ Enable it from a verl config:  actor_rollout_ref.actor.policy_loss.loss_mode=dph
 (with VERL_USE_EXTERNAL_PLUGINS unset or listing `dph`). rollout_is_weights (>= 0) are folded into the advantages:
 PPO-clip, dual clip included, is positively homogeneous in A, so w * loss(A) = loss(w * A).
 
-Not here yet: a whole-loss function for DPH rows and the forward patch for verl's fused-kernel path (see the README).
+For DPH-RL rows, `make_dph_loss(divergence="js", eta=0.2)` returns a whole loss with verl's `ppo_loss` signature
+`fn(config, model_output, data, dp_group=None) -> (loss, metrics)`, for the actor worker's `set_loss_fn`: rows with
+`data["is_pef"]` (B,) True get eta * the f-divergence generator on `data["pef_ref_log_prob"]` (stored log pi_ref,
+B x T), a mean over their tokens; the other rows get dph_ppo. Not here yet: the forward patch for verl's fused-kernel
+path (`use_fused_kernels`).
 """
 from __future__ import annotations
 
@@ -60,6 +64,51 @@ def dph_ppo_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_
     metrics = {"actor/pg_clipfrac": m["clipfrac_low"] + m["clipfrac_high"], "actor/ppo_kl": ppo_kl,
                "actor/pg_clipfrac_lower": m["clipfrac_dual"]}
     return loss, metrics
+
+
+def make_dph_loss(divergence="js", eta=0.2, alpha=0.5, divergence_clamp=None):
+    """A verl whole loss (ppo_loss's signature) for batches mixing D_exp rows and stored D_pef rows.
+
+    L = dph_ppo over the D_exp rows (verl's loss_agg_mode and normalisation) + eta * token-mean over the D_pef tokens
+    of f(exp(logp - pef_ref_log_prob)). Each D_pef row's token-mean is over this rank's D_pef tokens (times dp_size,
+    so that DP gradient averaging keeps it a mean)."""
+    from ..losses import _check_kind, aggregate, f_divergence
+
+    _check_kind(divergence, alpha)
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+
+    def dph_loss(config, model_output, data, dp_group=None):
+        from verl.workers.utils.padding import no_padding_2_padding
+
+        log_prob = no_padding_2_padding(model_output["log_probs"], data)
+        dp_size = data["dp_size"] if "dp_size" in data.keys() else 1
+        info = {k: data[k] for k in ("dp_size", "batch_num_tokens", "global_batch_size") if k in data.keys()}
+        info["loss_scale_factor"] = config.loss_scale_factor
+        fields = [k for k in ("response_mask", "old_log_probs", "advantages", "is_pef", "pef_ref_log_prob",
+                              "rollout_is_weights") if k in data.keys()]
+        d = data.select(*fields).to_padded_tensor()
+        mask = d["response_mask"].bool()
+        is_pef = d["is_pef"].bool() if "is_pef" in d.keys() else torch.zeros(mask.shape[0], dtype=torch.bool)
+        exp_mask, pef_mask = mask & ~is_pef[:, None], mask & is_pef[:, None]
+        config.global_batch_info.update(info)
+        zeros = torch.zeros_like(log_prob)
+        old = torch.where(exp_mask, d["old_log_probs"].to(log_prob.dtype), log_prob.detach())
+        pg, metrics = dph_ppo_policy_loss(old, log_prob, torch.where(exp_mask, d["advantages"], zeros), exp_mask,
+                                          config.loss_agg_mode, config, d.get("rollout_is_weights", None))
+        loss, div_mean = pg, 0.0
+        if bool(pef_mask.any()):
+            ref = torch.where(pef_mask, d["pef_ref_log_prob"].to(log_prob.dtype), log_prob.detach())
+            g = f_divergence(torch.where(pef_mask, log_prob - ref, zeros), divergence, alpha=alpha,
+                             clamp=divergence_clamp)
+            n = float(pef_mask.sum())
+            loss = loss + eta * aggregate(g, pef_mask, "token-mean", normalizer=n / dp_size)
+            div_mean = float(torch.where(pef_mask, g.detach(), zeros).sum()) / n
+        metrics.update({"actor/pg_loss": float(pg.detach()), "actor/dph_divergence_mean": div_mean,
+                        "actor/dph_pef_tokens": int(pef_mask.sum())})
+        return loss, metrics
+
+    return dph_loss
 
 
 def register():
