@@ -123,3 +123,35 @@ def test_dph_whole_loss_matches_fused_dph_loss():
     assert float(loss.detach()) == pytest.approx(float(want.loss.detach()), rel=1e-5)
     torch.testing.assert_close(gv, gw, rtol=1e-4, atol=1e-6)
     assert metrics["actor/dph_pef_tokens"] == 12 and metrics["actor/dph_divergence_mean"] > 0
+
+
+def test_forward_patch_gives_verls_logprobs_within_fp32_error():
+    """verl's own fused-kernel forward (dense_common.forward_with_torch_backend) on a tiny Llama: with the patch its
+    log-probs, entropies and lm_head gradient match verl's FusedLinearForPPO within fp32 error."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from verl.models.transformers.dense_common import forward_with_torch_backend
+    from verl.utils.experimental import torch_functional as tf
+
+    cfg = LlamaConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 301, (3, 17))
+    outs = {}
+    for patched in (False, True):
+        if patched:
+            dkverl.patch_fused_kernels()
+        try:
+            model.zero_grad()
+            o = forward_with_torch_backend(model, input_ids=ids, return_dict=True, temperature=0.7)
+            (o.log_probs.sum() + 0.1 * o.entropy.sum()).backward()
+            outs[patched] = (o.log_probs.detach(), o.entropy.detach(), model.lm_head.weight.grad.clone(),
+                             tf.FusedLinearForPPO)
+        finally:
+            dkverl.unpatch_fused_kernels()
+    (lv, ev, gv, cls_v), (ld, ed, gd, cls_d) = outs[False], outs[True]
+    assert cls_d is dkverl.DKFusedLinearForPPO and cls_v is not dkverl.DKFusedLinearForPPO
+    assert tf.FusedLinearForPPO is cls_v  # unpatched again
+    torch.testing.assert_close(ld, lv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ed, ev, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gd, gv, rtol=1e-4, atol=1e-6)

@@ -13,13 +13,18 @@ PPO-clip, dual clip included, is positively homogeneous in A, so w * loss(A) = l
 For DPH-RL rows, `make_dph_loss(divergence="js", eta=0.2)` returns a whole loss with verl's `ppo_loss` signature
 `fn(config, model_output, data, dp_group=None) -> (loss, metrics)`, for the actor worker's `set_loss_fn`: rows with
 `data["is_pef"]` (B,) True get eta * the f-divergence generator on `data["pef_ref_log_prob"]` (stored log pi_ref,
-B x T), a mean over their tokens; the other rows get dph_ppo. Not here yet: the forward patch for verl's fused-kernel
-path (`use_fused_kernels`).
+B x T), a mean over their tokens; the other rows get dph_ppo.
+
+verl's fused-kernel path (`actor_rollout_ref.model.use_fused_kernels=True`, torch backend) builds a
+`FusedLinearForPPO` inside each patched model forward; `patch_fused_kernels()` swaps that class for
+`DKFusedLinearForPPO`, so the log-probs and entropies come from `dk.linear_logprob` (call it in each worker process
+before training; `unpatch_fused_kernels()` restores verl's).
 """
 from __future__ import annotations
 
 import torch
 
+from ..linear_logprob import linear_logprob
 from ..losses import ppo_clip_loss
 
 VERL_VERSION = "0.9.1"
@@ -109,6 +114,38 @@ def make_dph_loss(divergence="js", eta=0.2, alpha=0.5, divergence_clamp=None):
         return loss, metrics
 
     return dph_loss
+
+
+class DKFusedLinearForPPO(torch.nn.Module):
+    """verl's FusedLinearForPPO interface (hidden_states, vocab_weights, input_ids, temperature) -> (log_probs,
+    entropy), computed by dk.linear_logprob (no [tokens x vocab] logits)."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch", impl: str = "auto"):
+        super().__init__()
+        self.impl = impl  # chunk_size / impl_backend are verl's knobs; dk chooses its own tiles
+
+    def forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
+        w = vocab_weights if vocab_weights.dtype == hidden_states.dtype else vocab_weights.to(hidden_states.dtype)
+        return linear_logprob(hidden_states, w, input_ids.to(torch.int64), temperature=temperature,
+                              return_entropy=True, impl=self.impl)
+
+
+_ORIGINAL = {}
+
+
+def patch_fused_kernels():
+    """Make verl's fused-kernel model forwards use dk.linear_logprob (idempotent)."""
+    from verl.utils.experimental import torch_functional as tf
+
+    _ORIGINAL.setdefault("FusedLinearForPPO", tf.FusedLinearForPPO)
+    tf.FusedLinearForPPO = DKFusedLinearForPPO
+
+
+def unpatch_fused_kernels():
+    from verl.utils.experimental import torch_functional as tf
+
+    if "FusedLinearForPPO" in _ORIGINAL:
+        tf.FusedLinearForPPO = _ORIGINAL.pop("FusedLinearForPPO")
 
 
 def register():
