@@ -9,6 +9,10 @@ with a printed reason.
                  chunked_loss.LigerFusedLinearGRPOLoss for grpo, chunked_loss.LigerFusedLinearJSDLoss for fdiv-js
     cce          Cut Cross-Entropy linear_cross_entropy(reduction="none") for logprob: impl="cce" on CUDA,
                  impl="torch_compile" elsewhere
+    trl          TRL's chunked log-prob kernel (trl/kernels/chunked_logprob.py, what GRPOTrainer uses since 1.15) for
+                 logprob and logprob-ent: Triton on CUDA, its torch tiles elsewhere
+    verl         verl's FusedLinearForPPO (verl/utils/experimental/torch_functional.py, the model.use_fused_kernels
+                 path's torch backend) for logprob and logprob-ent; verl lives in its own venv (.venv-verl)
 
 Every provider's `make` returns a zero-argument forward closure whose result is the op's canonical output
 (log-probs, not cross-entropies; see ops.py). `output_kind` says how that output relates to the eager one:
@@ -23,7 +27,7 @@ import torch
 
 from . import ops
 
-BASELINES = ["eager", "compile", "liger", "cce"]
+BASELINES = ["eager", "compile", "liger", "cce", "trl", "verl"]
 DPH = ["dph-triton", "dph-torch"]
 ALL = DPH + BASELINES
 
@@ -319,6 +323,73 @@ class CCEProvider(Provider):
         return lambda: -linear_cross_entropy(inp.hidden, inp.weight, inp.targets, reduction="none", impl=impl)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# TRL
+# ----------------------------------------------------------------------------------------------------------------------
+
+class TRLProvider(Provider):
+    name = "trl"
+
+    def unavailable(self, device):
+        try:
+            importlib.import_module("trl.kernels.chunked_logprob")
+        except Exception as e:  # noqa: BLE001
+            return f"trl's chunked log-prob kernel does not import ({type(e).__name__}: {e}); pip install 'dph[trl]'"
+        return None
+
+    def unsupported(self, op, device):
+        return None if ops.FAMILY[op] == "logprob" else "TRL's kernel computes per-token log-probs / entropies only"
+
+    def note(self, op, device):
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+        return f"ChunkedLogProbFunction chunk_size={_CHUNKED_LOGPROB_CHUNK_SIZE} (GRPOTrainer's), trl {version_of('trl')}"
+
+    def make(self, op, inp, device):
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+        outputs = ("log_probs", "entropy") if op == "logprob-ent" else ("log_probs",)
+
+        def fwd():
+            lp, ent, *_ = ChunkedLogProbFunction.apply(inp.hidden, inp.weight, None, inp.targets, 1.0,
+                                                       _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs)
+            return (lp, ent) if op == "logprob-ent" else lp
+
+        return fwd
+
+
+class VerlProvider(Provider):
+    name = "verl"
+    CHUNK = 512  # FusedLinearForPPO's default token chunk
+
+    def unavailable(self, device):
+        try:
+            importlib.import_module("verl.utils.experimental.torch_functional")
+        except Exception as e:  # noqa: BLE001
+            return (f"verl does not import ({type(e).__name__}: {e}); it needs its own venv: make test-verl, then "
+                    "run the benchmark with .venv-verl/bin/python")
+        return None
+
+    def unsupported(self, op, device):
+        return None if ops.FAMILY[op] == "logprob" else "FusedLinearForPPO computes log-probs and entropies only"
+
+    def note(self, op, device):
+        return f"FusedLinearForPPO(chunk_size={self.CHUNK}, impl_backend='torch'), verl {version_of('verl')}; " \
+               "always computes the entropy"
+
+    def make(self, op, inp, device):
+        from verl.utils.experimental.torch_functional import FusedLinearForPPO
+
+        f = FusedLinearForPPO(chunk_size=self.CHUNK, impl_backend="torch")
+
+        def fwd():
+            lp, ent = f(inp.hidden, inp.weight, inp.targets)
+            return (lp, ent) if op == "logprob-ent" else lp
+
+        return fwd
+
+
 def all_providers() -> dict[str, Provider]:
     return {p.name: p for p in [DphProvider("triton"), DphProvider("torch"), EagerProvider(), CompileProvider(),
-                                LigerProvider(), CCEProvider()]}
+                                LigerProvider(), CCEProvider(), TRLProvider(), VerlProvider()]}

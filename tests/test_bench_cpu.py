@@ -153,7 +153,7 @@ def test_error_check_of_every_applicable_cpu_provider(op):
     inp = ops.make_inputs(op, 64, D, V, torch.float32, "cpu", seq_len=32)
     _, cfg = providers.preset_config(ops.PRESET[op]) if op in ops.PRESET else (None, None)
     checked = 0
-    for name in ("dph-torch", "eager", "liger"):
+    for name in ("dph-torch", "eager", "liger", "trl", "verl"):
         p = provs[name]
         if p.unavailable("cpu") or p.unsupported(op, "cpu"):
             continue

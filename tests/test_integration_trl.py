@@ -275,3 +275,29 @@ def test_ddp_two_processes_train_and_stay_in_sync(model_dir, tmp_path):
     assert rep["moved"] > 1e-3
     assert rep["pef_rows_rank0"] != rep["pef_rows_rank1"]  # each rank trained on its own stored samples
     assert rep["steps"] == 2 and rep["dph_loss_calls"] == [2, 2]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_dk_loss_equals_trl_loss_math_on_one_micro_batch(loss_type, model_dir, tmp_path):
+    """The loss math alone: on the same micro-batch (off-policy, clipped), with the same (dk) log-probs, dk's fused
+    loss and TRL's _compute_loss give the same value and gradients."""
+    tr = _train(dktrl.DPHGRPOTrainer, model_dir, str(tmp_path / "o"), **PARITY_ARGS, loss_type=loss_type, beta=0.04,
+                use_bias_correction_kl=False, epsilon_high=0.28, delta=1.5, max_steps=2)
+    caught = []
+    inner = tr._compute_loss
+    tr._compute_loss = lambda m, i: caught.append((m, i)) or inner(m, i)
+    tr.train()
+    model, inputs = caught[-1]  # the second iteration on its generation batch: ratio != 1
+    assert inputs.get("old_per_token_logps") is not None
+
+    def loss_and_grads(fn):
+        tr.model.zero_grad()
+        loss = fn(model, inputs)
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in tr.model.parameters()]
+
+    l_dk, g_dk = loss_and_grads(inner)
+    l_trl, g_trl = loss_and_grads(lambda m, i: GRPOTrainer._compute_loss(tr, m, i))
+    assert l_dk == pytest.approx(l_trl, rel=1e-6, abs=1e-8)
+    for a, b in zip(g_dk, g_trl):
+        assert float((a - b).norm()) <= 1e-5 * float(b.norm()) + 1e-10
