@@ -140,7 +140,7 @@ def _head_args(heads):
 def forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha):
     N, D = h.shape
     Dr, V = rh.shape[1], weight.shape[0]
-    cfg = _config(N, V, max(D, Dr))
+    cfg, cfg_div = _config("div_lse", h.dtype), _config("div", h.dtype)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     splits = _vocab_splits(N, V, bn, bv, h.device)
     v_per_split = triton.cdiv(triton.cdiv(V, splits), bv) * bv
@@ -148,16 +148,18 @@ def forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha):
     f32 = dict(dtype=torch.float32, device=h.device)
     m, s, mr, sr = (torch.empty(splits, N, **f32) for _ in range(4))
     common = dict(HAS_BIAS=bias is not None, HAS_RBIAS=rbias is not None, UPCAST=interpreter_on(),
-                  DOT_PRECISION=dot_precision(h), **_head_args(heads)[1], **cfg)
+                  DOT_PRECISION=dot_precision(h), **_head_args(heads)[1])
     head = _head_args(heads)[0]
     b_arg, rb_arg = bias if bias is not None else h, rbias if rbias is not None else rh
     grid = (triton.cdiv(N, bn), splits)
     _lse2_kernel[grid](h, weight, b_arg, rh, rweight, rb_arg, m, s, mr, sr, N, V, D, Dr, v_per_split, *head,
-                       **common)
+                       **common, **cfg)
     lse, lse_r = merge_logsumexp(m, s), merge_logsumexp(mr, sr)
     d_part, c_part = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
-    _div_kernel[grid](h, weight, b_arg, rh, rweight, rb_arg, lse, lse_r, d_part, c_part, N, V, D, Dr, v_per_split,
-                      *head, alpha, KIND=KIND_IDS[kind], **common)
+    # Same vocab ranges (v_per_split) as pass 1; its own tiles, so its own row-block count.
+    _div_kernel[(triton.cdiv(N, cfg_div["BLOCK_N"]), splits)](
+        h, weight, b_arg, rh, rweight, rb_arg, lse, lse_r, d_part, c_part, N, V, D, Dr, v_per_split, *head, alpha,
+        KIND=KIND_IDS[kind], **common, **cfg_div)
     div = torch.where(valid, d_part.sum(0), torch.zeros_like(lse))
     return div, (lse, lse_r, c_part.sum(0))
 
@@ -166,7 +168,7 @@ def backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, heads, k
     lse, lse_r, c = stats
     N, D = h.shape
     Dr, V = rh.shape[1], weight.shape[0]
-    cfg = _config(N, V, max(D, Dr))
+    cfg = _config("div_bwd", h.dtype)
     f32 = dict(dtype=torch.float32, device=h.device)
     g = torch.where(valid, g.float(), torch.zeros((), **f32)).contiguous()
     dh, dW = torch.zeros(N, D, **f32), torch.zeros(V, D, **f32)

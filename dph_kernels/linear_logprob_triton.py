@@ -198,12 +198,30 @@ def dot_precision(x):
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _config(N, V, D):
-    """Tile sizes: large tiles under the interpreter (it runs programs one after another), tensor-core friendly
-    tiles on the GPU."""
+# GPU tile configs per (kernel, input dtype): (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages). Chosen on the
+# ahead-of-time compile table (python -m benchmarks.aot, triton 3.6's ptxas; registers and stack per thread): the
+# earlier single config 64 x 128 x 64, 8 warps, 3 stages spilled in every kernel but the log-prob forward (backward:
+# 328-504 B of stack at 255 registers, sm_90 bf16). Every row below compiles with 0 spill bytes: bf16 on sm_90 and
+# sm_80, fp32 on sm_90. Each kernel holds 255 registers or fewer x 256 threads, one block per SM at 8 warps (the
+# 4-warp fp32 forward: up to two). The divergence kernels hold two logit tiles, hence BLOCK_V=64. fp32 tiles
+# multiply without tensor cores (ieee dot), which needs smaller D blocks; fp16 takes bf16's configs.
+GPU_CONFIGS = {
+    ("logprob_fwd", "bf16"): (64, 128, 32, 8, 3), ("logprob_bwd", "bf16"): (64, 128, 32, 8, 3),
+    ("div_lse", "bf16"): (64, 128, 32, 8, 3), ("div", "bf16"): (64, 64, 32, 8, 3),
+    ("div_bwd", "bf16"): (64, 64, 32, 8, 3),
+    ("logprob_fwd", "fp32"): (32, 64, 32, 4, 2), ("logprob_bwd", "fp32"): (64, 64, 16, 8, 2),
+    ("div_lse", "fp32"): (64, 64, 16, 8, 2), ("div", "fp32"): (64, 64, 16, 8, 2),
+    ("div_bwd", "fp32"): (64, 64, 16, 8, 1),
+}
+
+
+def _config(kernel, dtype):
+    """Tile sizes: large tiles under the interpreter (it runs programs one after another), GPU_CONFIGS on the GPU."""
     if interpreter_on():
         return dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=64, num_warps=4, num_stages=1)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+    key = "fp32" if dtype == torch.float32 else "bf16"
+    bn, bv, bd, warps, stages = GPU_CONFIGS[(kernel, key)]
+    return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=stages)
 
 
 def _vocab_splits(N, V, block_n, block_v, device):
@@ -219,7 +237,7 @@ def _vocab_splits(N, V, block_n, block_v, device):
 def forward(h, weight, bias, targets, valid, inv_temp, with_entropy, post=None):
     N, D = h.shape
     V = weight.shape[0]
-    cfg = _config(N, V, D)
+    cfg = _config("logprob_fwd", h.dtype)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     splits = _vocab_splits(N, V, bn, bv, h.device)
     v_per_split = triton.cdiv(triton.cdiv(V, splits), bv) * bv
@@ -251,7 +269,7 @@ def merge_logsumexp(m, s):
 def backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, inv_temp, need_weight_grad=True, post=None):
     N, D = h.shape
     V = weight.shape[0]
-    cfg = _config(N, V, D)
+    cfg = _config("logprob_bwd", h.dtype)
     zero = torch.zeros((), dtype=torch.float32, device=h.device)
     g_logp = torch.where(valid, g_logp.float(), zero).contiguous()
     with_entropy = g_ent is not None
