@@ -36,3 +36,17 @@ def test_a_spilling_config_is_reported():
     p = _run(["-c", code], timeout=120)
     status, spill, regs = p.stdout.split()[-3:]
     assert status == "spill" and int(spill) > 0 and int(regs) == 255, p.stdout + p.stderr
+
+
+def test_roofline_floors_and_table():
+    from benchmarks import roofline
+
+    N, D, V = roofline.SHAPES["llama3-8b"]
+    assert roofline.gemm_ms(N, D, V, 4) == pytest.approx(2 * 4 * N * D * V / 791.2e12 * 1e3)  # 43.5 ms
+    est = {(e.kernel, e.design): e for e in roofline.estimates(N, D, V)}
+    fwd = est[("linear_logprob", "fwd")]
+    assert fwd.flops == 2 * N * D * V and fwd.bound() == "tensor"
+    chunked = est[("linear_logprob", "fwd+bwd chunked-cublas")]
+    assert chunked.ms() >= roofline.gemm_ms(N, D, V, 4) - 1e-9  # nothing beats its own floor
+    text = roofline.table()
+    assert "gemma2-2b" in text and "js divergence" in text and "Predictions, not measurements" in text
