@@ -15,6 +15,8 @@ Sections (each a subprocess with its own time limit, so one failure or hang neve
     logprob  linear_logprob, llama3-8b N=4096/8192/16384 and gemma2-2b N=8192, bf16, fwd and fwd+bwd, every provider
     fused    fused DPH loss (grpo, dph-js presets), B=8 T=1024 llama3-8b bf16, fwd+bwd, vs eager/compile/Liger GRPO
     fdiv     linear_f_divergence js and fkl, llama3-8b N=8192 bf16, fwd+bwd, vs eager/compile/Liger JSD
+    aot      python -m benchmarks.aot: the compile table (registers, spills, smem, MMA) for sm_90 bf16 and fp32
+    roofline python -m benchmarks.roofline: the H200 model, next to this run's measured dph-triton times
 This script imports nothing but the standard library, so it reports even when torch or the package does not import.
 """
 from __future__ import annotations
@@ -45,6 +47,9 @@ SECTIONS = [
     ("fdiv", 85, _BENCH + ["--ops", "fdiv-js,fdiv-fkl", "--modes", "fwd+bwd",
                            "--providers", "dph-triton,eager,liger,compile,dph-torch",
                            "--case", "llama3-8b:8192"], "gpu_fdiv"),
+    # No GPU needed for these two; last, so a short budget drops them first.
+    ("aot", 60, ["benchmarks.aot", "--arch", "sm_90", "--dtype", "bf16,fp32"], None),
+    ("roofline", 15, ["benchmarks.roofline", "--results"], None),
 ]
 RESERVE_S = 10  # kept back for the final table
 
@@ -189,6 +194,8 @@ def main(argv=None):
         full = [sys.executable, "-m", *cmd]
         if name == "tests" and a.pytest_args:
             full += shlex.split(a.pytest_args)
+        if name == "roofline":  # the model next to what this run measured
+            full += [os.path.join(out_dir, "results", f"{t}.json") for t in tags]
         if tag:
             # the harness stops starting measurements a little before the hard limit, so it still writes its files
             full += ["--out", os.path.join(out_dir, "results"), "--tag", tag, "--budget", str(max(10, limit - 25))]
@@ -201,6 +208,10 @@ def main(argv=None):
             result = next((ln for ln in reversed(last) if " passed" in ln or " failed" in ln or "error" in ln
                            or "no tests ran" in ln), last[-1] if last else "")
             summary.append(f"tests: {state} in {secs:.0f} s: {result.strip()}")
+        elif name in ("aot", "roofline"):
+            body = tail(log_path, 40 if name == "roofline" else 60)
+            summary.append(f"{name}: {state} in {secs:.0f} s (log {log_path})")
+            summary += [ln for ln in body if ln.strip() and not ln.startswith("  ")]
         else:
             summary.append(f"{name}: {state} in {secs:.0f} s (log {log_path})")
 

@@ -50,7 +50,7 @@ def log(cfg, *a):
 
 def _row(cfg: Config, shape: Shape, op: str, prov: str, mode: str, **kw):
     r = dict(op=op, model=shape.model, N=shape.N, D=shape.D, V=shape.V, dtype=ops.DTYPE_NAMES[cfg.dtype],
-             device=cfg.device, provider=prov, mode=mode, status="ok", note="", reason="")
+             device=cfg.device, provider=prov, mode=mode, status="ok", note="", reason="", softcap=shape.softcap)
     r["dw_mb"] = shape.V * shape.D * torch.finfo(cfg.dtype).bits / 8 / measure.MB
     r.update(kw)
     return r
@@ -101,7 +101,7 @@ def run(cfg: Config, on_progress=None) -> list[dict]:
             log(cfg, f"== {op} {shape.label} {ops.DTYPE_NAMES[cfg.dtype]} {cfg.device}")
             try:
                 inp = ops.make_inputs(op, shape.N, shape.D, shape.V, cfg.dtype, cfg.device, seq_len=cfg.seq_len,
-                                      seed=cfg.seed)
+                                      seed=cfg.seed, softcap=shape.softcap)
             except Exception as e:  # noqa: BLE001 - e.g. OOM making the inputs
                 for p in chosen:
                     shape_rows += [_row(cfg, shape, op, p.name, m, status="error", reason=f"inputs: {_short(e)}")
@@ -127,7 +127,7 @@ def run(cfg: Config, on_progress=None) -> list[dict]:
 
 
 def _run_provider(cfg, shape, op, p, inp, unavailable, mem_mode, reference, eager_cfg, over_budget):
-    why = unavailable or p.unsupported(op, cfg.device)
+    why = unavailable or p.unsupported(op, cfg.device) or p.unsupported_case(op, inp)
     if why:
         return [_row(cfg, shape, op, p.name, m, status="skip", reason=why) for m in cfg.modes]
     if over_budget():

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from . import measure, ops, providers
+from . import measure, ops, providers, registry
 
 
 def main(argv=None):
@@ -23,7 +23,8 @@ def main(argv=None):
     p = providers.all_providers()[spec["provider"]]
     for op in spec["ops"]:
         try:
-            inp = ops.make_inputs(op, N, D, V, dtype, "cpu", seq_len=spec["seq_len"], seed=spec["seed"])
+            inp = ops.make_inputs(op, N, D, V, dtype, "cpu", seq_len=spec["seq_len"], seed=spec["seed"],
+                                  softcap=registry.SOFTCAP.get(model))
             fwd = p.make(op, inp, "cpu")
             # One untimed call first: compilation, and the libraries' one-time allocations (thread pools, BLAS
             # buffers), would otherwise be charged to whichever op a subprocess measures first.

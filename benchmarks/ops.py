@@ -62,6 +62,7 @@ class Inputs:
     g: torch.Tensor | None = None  # upstream gradient for a per-token output
     g2: torch.Tensor | None = None  # ... for the entropy
     extra: dict = field(default_factory=dict)
+    softcap: float | None = None  # the model's final-logit softcap (registry.SOFTCAP), applied by every provider
 
     @property
     def params(self):
@@ -76,7 +77,8 @@ class Inputs:
         return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
 
 
-def make_inputs(op: str, N: int, D: int, V: int, dtype, device, *, seq_len: int = 1024, seed: int = 0) -> Inputs:
+def make_inputs(op: str, N: int, D: int, V: int, dtype, device, *, seq_len: int = 1024, seed: int = 0,
+                softcap: float | None = None) -> Inputs:
     """Deterministic inputs for one case. Logits come out with a standard deviation of about 2, like a real lm_head;
     old/ref log-probs of the fused loss are the true log-probs plus a little noise so that clipping and the
     divergence are exercised."""
@@ -89,7 +91,7 @@ def make_inputs(op: str, N: int, D: int, V: int, dtype, device, *, seq_len: int 
     weight = randn(V, D, std=2.0 / math.sqrt(D))
     targets = torch.randint(0, V, (N,), generator=gen).to(device)
     fam = FAMILY[op]
-    inp = Inputs(op, hidden, weight, targets)
+    inp = Inputs(op, hidden, weight, targets, softcap=softcap)
     if fam == "logprob":
         inp.g = (torch.rand(N, generator=gen) * 2 - 0.5).to(device)
         if op == "logprob-ent":
@@ -108,7 +110,7 @@ def make_inputs(op: str, N: int, D: int, V: int, dtype, device, *, seq_len: int 
         if PRESET[op] != "grpo":
             is_pef[1::4] = True  # rows 1, 5, ...: a quarter near-perfect, and a 2-row slice holds both kinds
         with torch.no_grad():
-            true_logp = chunked_logprob(hidden, weight, targets).view(B, T).cpu()
+            true_logp = chunked_logprob(hidden, weight, targets, softcap=softcap).view(B, T).cpu()
         old = true_logp + torch.randn(B, T, generator=gen) * 0.05
         ref = true_logp + torch.randn(B, T, generator=gen) * 0.3
         adv = torch.randn(B, generator=gen)
@@ -134,7 +136,8 @@ def slice_inputs(inp: Inputs, rows: int, dtype=None) -> Inputs:
         b, t = min(B, 2), max(1, min(T, rows // min(B, 2)))
         cut = lambda x: x[:b, :t].contiguous()  # noqa: E731
         extra = {k: (cut(v) if v.dim() == 2 else v[:b].contiguous()) for k, v in inp.extra.items()}
-        return Inputs(inp.op, leaf(cut(inp.hidden)), leaf(inp.weight), cut(inp.targets), extra=extra)
+        return Inputs(inp.op, leaf(cut(inp.hidden)), leaf(inp.weight), cut(inp.targets), extra=extra,
+                      softcap=inp.softcap)
     n = min(rows, inp.targets.shape[0])
     extra = {}
     for k, v in inp.extra.items():
@@ -144,7 +147,7 @@ def slice_inputs(inp: Inputs, rows: int, dtype=None) -> Inputs:
         extra[k] = v.detach().clone()
     return Inputs(inp.op, leaf(inp.hidden[:n]), leaf(inp.weight), inp.targets[:n].clone(),
                   g=None if inp.g is None else inp.g[:n].clone(),
-                  g2=None if inp.g2 is None else inp.g2[:n].clone(), extra=extra)
+                  g2=None if inp.g2 is None else inp.g2[:n].clone(), extra=extra, softcap=inp.softcap)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -155,10 +158,13 @@ def _cdt(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def eager_logprob(hidden, weight, targets, with_entropy=False, temperature=1.0):
-    z = (hidden @ weight.T).to(_cdt(hidden))
-    if temperature != 1.0:
-        z = z / temperature
+def _head(z, softcap, temperature=1.0):
+    from dph_kernels.reference import head_transform
+    return head_transform(z, softcap, 1.0, temperature)
+
+
+def eager_logprob(hidden, weight, targets, with_entropy=False, temperature=1.0, softcap=None):
+    z = _head((hidden @ weight.T).to(_cdt(hidden)), softcap, temperature)
     lsm = torch.log_softmax(z, dim=-1)
     logp = lsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if not with_entropy:
@@ -167,9 +173,9 @@ def eager_logprob(hidden, weight, targets, with_entropy=False, temperature=1.0):
 
 
 @torch.no_grad()
-def chunked_logprob(hidden, weight, targets, rows=1024):
+def chunked_logprob(hidden, weight, targets, rows=1024, softcap=None):
     """No-grad log-probs without a full [N, V] buffer (used only to make realistic old/ref log-probs)."""
-    return torch.cat([eager_logprob(hidden[i:i + rows], weight, targets[i:i + rows])
+    return torch.cat([eager_logprob(hidden[i:i + rows], weight, targets[i:i + rows], softcap=softcap)
                       for i in range(0, hidden.shape[0], rows)])
 
 
@@ -227,17 +233,17 @@ def dph_loss_from_logp(logp, targets, loss_mask, is_pef, advantages, old_logp, r
 def eager_fused_loss(inp: Inputs, cfg):
     B, T, D = inp.hidden.shape
     logp = eager_logprob(inp.hidden.reshape(B * T, D), inp.weight, inp.targets.reshape(-1),
-                         temperature=cfg.get("temperature", 1.0)).view(B, T)
+                         temperature=cfg.get("temperature", 1.0), softcap=inp.softcap).view(B, T)
     e = inp.extra
     return dph_loss_from_logp(logp, inp.targets, e["loss_mask"], e["is_pef"], e["advantages"], e["old_logp"],
                               e["ref_logp"], cfg)
 
 
-def eager_fdiv(hidden, weight, ref_hidden, ref_weight, kind):
-    """Exact per-position D_f(pi_theta || pi_ref) = sum_v pi_ref f(pi_theta / pi_ref)."""
-    lp = torch.log_softmax((hidden @ weight.T).to(_cdt(hidden)), dim=-1)
+def eager_fdiv(hidden, weight, ref_hidden, ref_weight, kind, softcap=None):
+    """Exact per-position D_f(pi_theta || pi_ref) = sum_v pi_ref f(pi_theta / pi_ref) (both heads capped alike)."""
+    lp = torch.log_softmax(_head((hidden @ weight.T).to(_cdt(hidden)), softcap), dim=-1)
     with torch.no_grad():
-        lq = torch.log_softmax((ref_hidden @ ref_weight.T).to(_cdt(hidden)), dim=-1)
+        lq = torch.log_softmax(_head((ref_hidden @ ref_weight.T).to(_cdt(hidden)), softcap), dim=-1)
     if kind == "fkl":  # sum_v q (u - 1 - log u) = KL(pi_ref || pi_theta)
         return (lq.exp() * (lq - lp)).sum(-1)
     if kind == "js":
@@ -250,9 +256,11 @@ def eager_forward(op: str, inp: Inputs, cfg=None):
     """The eager baseline / reference for any op. Returns the canonical output (tensor, tuple, or scalar)."""
     fam = FAMILY[op]
     if fam == "logprob":
-        return eager_logprob(inp.hidden, inp.weight, inp.targets, with_entropy=(op == "logprob-ent"))
+        return eager_logprob(inp.hidden, inp.weight, inp.targets, with_entropy=(op == "logprob-ent"),
+                             softcap=inp.softcap)
     if fam == "fdiv":
-        return eager_fdiv(inp.hidden, inp.weight, inp.extra["ref_hidden"], inp.extra["ref_weight"], FDIV_KIND[op])
+        return eager_fdiv(inp.hidden, inp.weight, inp.extra["ref_hidden"], inp.extra["ref_weight"], FDIV_KIND[op],
+                          inp.softcap)
     return eager_fused_loss(inp, cfg or DEFAULT_PRESETS[PRESET[op]])
 
 

@@ -65,6 +65,10 @@ class Provider:
         """None when the provider implements `op`, else the reason it does not."""
         return None
 
+    def unsupported_case(self, op: str, inp) -> str | None:
+        """Why this provider cannot run this case's inputs (e.g. a softcap it does not have), or None."""
+        return None
+
     def output_kind(self, op: str) -> str:
         return "same"
 
@@ -132,12 +136,15 @@ class DphProvider(Provider):
         dk, impl, fam = _dph(), self.impl, ops.FAMILY[op]
         if fam == "logprob":
             ent = op == "logprob-ent"
-            return lambda: dk.linear_logprob(inp.hidden, inp.weight, inp.targets, return_entropy=ent, impl=impl)
+            return lambda: dk.linear_logprob(inp.hidden, inp.weight, inp.targets, return_entropy=ent, impl=impl,
+                                             softcap=inp.softcap)
         if fam == "fdiv":
             kind, e = ops.FDIV_KIND[op], inp.extra
             return lambda: dk.linear_f_divergence(inp.hidden, inp.weight, e["ref_hidden"], e["ref_weight"],
-                                                  kind=kind, impl=impl)
+                                                  kind=kind, impl=impl, softcap=inp.softcap,
+                                                  ref_softcap=inp.softcap)
         loss_fn, _ = preset_config(ops.PRESET[op], impl)
+        loss_fn.cfg["softcap"] = inp.softcap
         e = inp.extra
         return lambda: loss_fn(inp.hidden, inp.weight, inp.targets, e["loss_mask"], e["is_pef"],
                                advantages=e["advantages"], old_logp=e["old_logp"], ref_logp=e["ref_logp"]).loss
@@ -147,20 +154,21 @@ class DphProvider(Provider):
 # PyTorch eager and torch.compile
 # ----------------------------------------------------------------------------------------------------------------------
 
-def _eager_fn(op):
+def _eager_fn(op, softcap=None):
     """A function of tensors only (what torch.compile traces best)."""
     fam = ops.FAMILY[op]
     if fam == "logprob":
         ent = op == "logprob-ent"
-        return lambda h, w, y: ops.eager_logprob(h, w, y, with_entropy=ent)
+        return lambda h, w, y: ops.eager_logprob(h, w, y, with_entropy=ent, softcap=softcap)
     if fam == "fdiv":
         kind = ops.FDIV_KIND[op]
-        return lambda h, w, hr, wr: ops.eager_fdiv(h, w, hr, wr, kind)
+        return lambda h, w, hr, wr: ops.eager_fdiv(h, w, hr, wr, kind, softcap)
     _, cfg = preset_config(ops.PRESET[op])
 
     def fused(h, w, y, mask, is_pef, adv, old, ref):
         B, T, D = h.shape
-        logp = ops.eager_logprob(h.reshape(B * T, D), w, y.reshape(-1), temperature=cfg["temperature"]).view(B, T)
+        logp = ops.eager_logprob(h.reshape(B * T, D), w, y.reshape(-1), temperature=cfg["temperature"],
+                                 softcap=softcap).view(B, T)
         return ops.dph_loss_from_logp(logp, y, mask, is_pef, adv, old, ref, cfg)
 
     return fused
@@ -180,7 +188,7 @@ class EagerProvider(Provider):
     name = "eager"
 
     def make(self, op, inp, device):
-        fn, args = _eager_fn(op), _eager_args(op, inp)
+        fn, args = _eager_fn(op, inp.softcap), _eager_args(op, inp)
         return lambda: fn(*args)
 
 
@@ -202,10 +210,11 @@ class CompileProvider(Provider):
         return None
 
     def make(self, op, inp, device):
-        if op not in self._cache:
+        key = (op, inp.softcap)
+        if key not in self._cache:
             # torch's default (dynamic=None): specialized to the first shape, one dynamic-shape recompile after that.
-            self._cache[op] = torch.compile(_eager_fn(op))
-        fn, args = self._cache[op], _eager_args(op, inp)
+            self._cache[key] = torch.compile(_eager_fn(op, inp.softcap))
+        fn, args = self._cache[key], _eager_args(op, inp)
         return lambda: fn(*args)
 
 
@@ -243,6 +252,11 @@ class LigerProvider(Provider):
             return None
         return "no Liger equivalent"
 
+    def unsupported_case(self, op, inp):
+        if inp.softcap is not None and op != "logprob":
+            return f"Liger's chunked {op} loss has no softcap (the case has softcap={inp.softcap})"
+        return None
+
     def output_kind(self, op):
         return "mean" if op == "fdiv-js" else "same"
 
@@ -263,7 +277,7 @@ class LigerProvider(Provider):
         if op == "logprob":
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-            f = LigerFusedLinearCrossEntropyLoss(reduction="none")
+            f = LigerFusedLinearCrossEntropyLoss(reduction="none", softcap=inp.softcap)
             return lambda: -f(inp.weight, inp.hidden, inp.targets)
         if op == "grpo":
             from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
@@ -320,7 +334,8 @@ class CCEProvider(Provider):
         from cut_cross_entropy import linear_cross_entropy
 
         impl = self.impl(device)
-        return lambda: -linear_cross_entropy(inp.hidden, inp.weight, inp.targets, reduction="none", impl=impl)
+        return lambda: -linear_cross_entropy(inp.hidden, inp.weight, inp.targets, reduction="none", impl=impl,
+                                             softcap=inp.softcap)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ MODELS: dict[str, tuple[int, int]] = {
     "smollm2-135m": (576, 49152),
 }
 
+# Final-logit softcap of the models that have one (config.final_logit_softcapping): their benchmark cases run with it
+# on every provider that supports it, and the others report the case as unsupported.
+SOFTCAP: dict[str, float] = {"gemma2-2b": 30.0}
+
 # The tables the issues ask for. Each entry: (model or None for a custom shape, N, D, V).
 CPU_TABLE = [("custom", 4096, 512, 32768), ("smollm2-135m", 2048, *MODELS["smollm2-135m"])]
 GPU_TABLE = [
@@ -30,6 +34,10 @@ class Shape:
     N: int  # tokens (batch x sequence, flattened)
     D: int
     V: int
+
+    @property
+    def softcap(self) -> float | None:
+        return SOFTCAP.get(self.model)
 
     @property
     def label(self) -> str:

@@ -56,6 +56,20 @@ def check_temperature(temperature):
     return float(temperature)
 
 
+def check_head(softcap, logit_scale, prefix=""):
+    """softcap: None or a finite number > 0; logit_scale: a finite number > 0. Returns them as floats."""
+    for name, value, optional in ((prefix + "softcap", softcap, True), (prefix + "logit_scale", logit_scale, False)):
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be {'None or ' if optional else ''}a positive number, "
+                            f"got {type(value).__name__}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0{' (or None for no cap)' if optional else ''}, "
+                             f"got {value}")
+    return (None if softcap is None else float(softcap)), float(logit_scale)
+
+
 def check_impl(impl):
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

@@ -109,7 +109,9 @@ class _ChunkedTorchLoss(torch.autograd.Function):
     stored gradients by the upstream scalar."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, safe_t, valid, inv_temp, need_entropy, need_grad, token_inputs, masks, cfg):
+    def forward(ctx, h, weight, bias, safe_t, valid, inv_temp, post, need_entropy, need_grad, token_inputs, masks,
+                cfg):
+        from .reference import head_slope
         from .linear_logprob import (_tile_logits, chunk_accumulate_grads, chunk_dlogits_, chunk_stats_, chunks,
                                      compute_dtype, grad_buffers)
         N, V = h.shape[0], weight.shape[0]
@@ -121,7 +123,9 @@ class _ChunkedTorchLoss(torch.autograd.Function):
         dW, db = grad_buffers(weight, bias, cdt) if need_grad else (None, None)
         w_ent = -cfg["entropy_coef"] * masks[3].to(cdt) if cfg["entropy_coef"] != 0 else None
         for c in chunks(N, V, cdt):
-            z = _tile_logits(h[c], weight, bias, slice(None), inv_temp, cdt)
+            z = _tile_logits(h[c], weight, bias, slice(None), inv_temp, cdt, post=post)
+            # softcap: the slope d z / d a, kept from z before chunk_stats_ overwrites it (one more [rows, V] buffer)
+            slope = head_slope(z, inv_temp, post) if need_grad and post is not None else None
             z_target, lse, S, e_scale = chunk_stats_(z, safe_t[c], need_entropy)
             zero = torch.zeros_like(lse)
             lp = torch.where(valid[c], z_target - lse, zero).detach().requires_grad_()
@@ -138,7 +142,10 @@ class _ChunkedTorchLoss(torch.autograd.Function):
                 parts[k].append(v.detach())
             if need_grad:
                 dz = chunk_dlogits_(z, safe_t[c], lse, S, e_scale, torch.where(valid[c], g_logp, zero),
-                                    None if w_ent is None else w_ent[c], inv_temp)
+                                    None if w_ent is None else w_ent[c], inv_temp if slope is None else 1.0)
+                if slope is not None:
+                    dz.mul_(slope)
+                    del slope
                 chunk_accumulate_grads(dz, h[c], valid[c], weight, dh[c], dW, db)
                 del dz
             del z  # before the next chunk's buffer is allocated, not after: one [rows, V] buffer alive, not two
@@ -159,16 +166,17 @@ class _ChunkedTorchLoss(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         # In place: a second copy of dW would double this path's largest buffer.
         dh, dW, db = (None if x is None else x.mul_(g_loss.to(x.dtype)) for x in grads)
-        return dh, dW, db, *([None] * 8)
+        return dh, dW, db, *([None] * 9)
 
 
 def _chunked_torch_loss(hidden, weight, bias, tgt, cfg, need_entropy, token_inputs, masks):
     from .linear_logprob import prepare_linear_inputs
-    h, w, safe_t, valid, inv_temp = prepare_linear_inputs(hidden, weight, tgt, bias, cfg["temperature"],
-                                                          cfg["ignore_index"], "torch")
+    h, w, safe_t, valid, pre, post = prepare_linear_inputs(hidden, weight, tgt, bias, cfg["temperature"],
+                                                           cfg["ignore_index"], "torch", cfg["softcap"],
+                                                           cfg["logit_scale"])
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
                                              (bias is not None and bias.requires_grad))
-    return _ChunkedTorchLoss.apply(h, w, bias, safe_t, valid, inv_temp, need_entropy, need_grad, token_inputs,
+    return _ChunkedTorchLoss.apply(h, w, bias, safe_t, valid, pre, post, need_entropy, need_grad, token_inputs,
                                    masks, cfg)
 
 
@@ -209,12 +217,14 @@ class FusedLinearDPHLoss(torch.nn.Module):
         temperature, ignore_index, impl: as in dk.linear_logprob.
         divergence_mode: "sampled" (the generator at the stored tokens; the paper) or "exact" (the divergence summed
             over the whole vocabulary against a reference head, dk.linear_f_divergence; needs ref_hidden/ref_weight).
+        softcap, logit_scale: the policy head's final-logit softcap and logit scale, as in dk.linear_logprob.
+        ref_softcap, ref_logit_scale: the same for the reference head of divergence_mode="exact".
     """
 
     def __init__(self, divergence="js", eta=0.2, alpha=0.5, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
                  kl_beta=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean", temperature=1.0,
                  ignore_index=-100, impl="auto", divergence_clamp=None, norm_length=None, log_entropy=False,
-                 divergence_mode="sampled"):
+                 divergence_mode="sampled", softcap=None, logit_scale=1.0, ref_softcap=None, ref_logit_scale=1.0):
         super().__init__()
         if divergence is not None:
             _check_kind(divergence, alpha)
@@ -230,12 +240,16 @@ class FusedLinearDPHLoss(torch.nn.Module):
             raise ValueError(f"divergence_clamp must be (lo, hi) with lo < hi, got {divergence_clamp}")
         _checks.check_temperature(temperature)
         _checks.check_impl(impl)
+        softcap, logit_scale = _checks.check_head(softcap, logit_scale)
+        ref_softcap, ref_logit_scale = _checks.check_head(ref_softcap, ref_logit_scale, "ref_")
         self.cfg = dict(divergence=divergence, eta=float(eta), alpha=float(alpha), clip_low=float(clip_low),
                         clip_high=float(clip_high), dual_clip=None if dual_clip is None else float(dual_clip),
                         kl_beta=float(kl_beta), kl_estimator=kl_estimator, entropy_coef=float(entropy_coef),
                         loss_agg=loss_agg, temperature=float(temperature), ignore_index=ignore_index, impl=impl,
                         divergence_clamp=None if divergence_clamp is None else tuple(map(float, divergence_clamp)),
-                        norm_length=norm_length, log_entropy=log_entropy, divergence_mode=divergence_mode)
+                        norm_length=norm_length, log_entropy=log_entropy, divergence_mode=divergence_mode,
+                        softcap=softcap, logit_scale=logit_scale, ref_softcap=ref_softcap,
+                        ref_logit_scale=ref_logit_scale)
 
     @classmethod
     def preset(cls, name, **overrides):
@@ -330,7 +344,8 @@ class FusedLinearDPHLoss(torch.nn.Module):
                 hidden, weight, bias, tgt, cfg, need_entropy, token_inputs, masks)
         else:
             out = linear_logprob(hidden, weight, tgt, bias=bias, temperature=cfg["temperature"],
-                                 ignore_index=cfg["ignore_index"], return_entropy=need_entropy, impl=impl)
+                                 ignore_index=cfg["ignore_index"], return_entropy=need_entropy, impl=impl,
+                                 softcap=cfg["softcap"], logit_scale=cfg["logit_scale"])
             logp, entropy = out if need_entropy else (out, None)
             flat_logp = logp.reshape(-1)
             args = _fill_inputs(flat_logp, token_inputs, masks)
@@ -351,7 +366,9 @@ class FusedLinearDPHLoss(torch.nn.Module):
             from .linear_divergence import linear_f_divergence
             div = linear_f_divergence(hidden, weight, ref_hidden, ref_weight, kind=cfg["divergence"],
                                       alpha=cfg["alpha"], bias=bias, ref_bias=ref_bias,
-                                      temperature=cfg["temperature"], mask=tok_pef, impl=cfg["impl"])
+                                      temperature=cfg["temperature"], mask=tok_pef, impl=cfg["impl"],
+                                      softcap=cfg["softcap"], logit_scale=cfg["logit_scale"],
+                                      ref_softcap=cfg["ref_softcap"], ref_logit_scale=cfg["ref_logit_scale"])
             if cfg["divergence_clamp"] is not None:
                 div = torch.clamp(div, *cfg["divergence_clamp"])
             loss = loss + _weighted_sum(w_pef, div)

@@ -55,7 +55,7 @@ def _generator_and_slope(log_ratio, log_q, kind, alpha, g=None, need_value=True)
     return value() if need_value else None, slope if g is None else slope.mul_(g[:, None])
 
 
-def _fkl_forward(h, weight, bias, rh, rweight, rbias, inv_temp, cdt, out):
+def _fkl_forward(h, weight, bias, rh, rweight, rbias, heads, cdt, out):
     """Forward KL in one pass over [rows, vocab chunk] tiles, with online log-sum-exps:
     D = sum_v q_v (log q_v - log p_v) = E_q[z_r - z] - lse_q + lse_p, and C = sum_v (p_v - q_v) = 0. The general
     forward needs both normalizers before it can evaluate f, hence whole rows; KL's decomposition does not."""
@@ -65,8 +65,8 @@ def _fkl_forward(h, weight, bias, rh, rweight, rbias, inv_temp, cdt, out):
     for rb in row_blocks:
         m_p = m_q = None
         for vc in vocab_chunks:
-            z = _tile_logits(h[rb], weight, bias, vc, inv_temp, cdt)
-            zr = _tile_logits(rh[rb], rweight, rbias, vc, inv_temp, cdt)
+            z = _tile_logits(h[rb], weight, bias, vc, heads[0], cdt, post=heads[1])
+            zr = _tile_logits(rh[rb], rweight, rbias, vc, heads[2], cdt, post=heads[3])
             new_p, new_q = z.amax(1), zr.amax(1)
             if m_p is not None:
                 new_p, new_q = torch.maximum(m_p, new_p), torch.maximum(m_q, new_q)
@@ -86,14 +86,15 @@ def _fkl_forward(h, weight, bias, rh, rweight, rbias, inv_temp, cdt, out):
         C[rb] = 0.0
 
 
-def torch_forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha):
-    """Returns D (N,) and, for backward, (lse_p, lse_q, D, C) with C = sum_v phi_v."""
+def torch_forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha):
+    """Returns D (N,) and, for backward, (lse_p, lse_q, D, C) with C = sum_v phi_v. heads = (pre, post, pre_r,
+    post_r): both heads' reference.head_factors."""
     N, V = h.shape[0], weight.shape[0]
     cdt = compute_dtype(h.dtype)
     lse_p, lse_q, div, C = (torch.empty(N, dtype=cdt, device=h.device) for _ in range(4))
     if kind == "fkl":
         with torch.no_grad():
-            _fkl_forward(h, weight, bias, rh, rweight, rbias, inv_temp, cdt, (lse_p, lse_q, div, C))
+            _fkl_forward(h, weight, bias, rh, rweight, rbias, heads, cdt, (lse_p, lse_q, div, C))
         div = torch.where(valid, div, torch.zeros((), dtype=cdt, device=h.device))
         return div, (lse_p, lse_q, div, C)
     step = _chunk_rows(V)
@@ -101,8 +102,8 @@ def torch_forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, al
     with torch.no_grad():
         for r0 in range(0, N, step):
             sl = slice(r0, min(N, r0 + step))
-            z = _tile_logits(h[sl], weight, bias, everything, inv_temp, cdt)
-            zr = _tile_logits(rh[sl], rweight, rbias, everything, inv_temp, cdt)
+            z = _tile_logits(h[sl], weight, bias, everything, heads[0], cdt, post=heads[1])
+            zr = _tile_logits(rh[sl], rweight, rbias, everything, heads[2], cdt, post=heads[3])
             blocks = _column_blocks(z.shape[0], V)
             lse_p[sl], lse_q[sl] = _row_logsumexp(z, blocks), _row_logsumexp(zr, blocks)
             div[sl], C[sl] = 0.0, 0.0
@@ -118,8 +119,11 @@ def torch_forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, al
     return div, (lse_p, lse_q, div, C)
 
 
-def torch_backward(h, weight, bias, rh, rweight, rbias, valid, stats, g, inv_temp, kind, alpha, need_ref):
-    """dD/dz_v = phi_v - p_v C and dD/dz_r,v = q_v f(u_v) - phi_v - q_v (D - C), times g, tile by tile."""
+def torch_backward(h, weight, bias, rh, rweight, rbias, valid, stats, g, heads, kind, alpha, need_ref):
+    """dD/dz_v = phi_v - p_v C and dD/dz_r,v = q_v f(u_v) - phi_v - q_v (D - C), times g, tile by tile; then times
+    d z / d a of each head: a constant (folded into h) without a softcap, a tile (reference.head_slope) with one."""
+    pre, post, pre_r, post_r = heads
+    lin, lin_r = (pre if post is None else 1.0), (pre_r if post_r is None else 1.0)
     lse_p, lse_q, div, C = stats
     N, V = h.shape[0], weight.shape[0]
     cdt = lse_p.dtype
@@ -141,27 +145,33 @@ def torch_backward(h, weight, bias, rh, rweight, rbias, valid, stats, g, inv_tem
     row_blocks, vocab_chunks = tiles(N, V, torch.finfo(cdt).bits // 8, TILE_BYTES)
     for rb in row_blocks:
         hb, rhb = h[rb], rh[rb]
-        hb_c, rhb_c = hb.to(cdt) * inv_temp, rhb.to(cdt) * inv_temp
+        hb_c, rhb_c = hb.to(cdt) * lin, rhb.to(cdt) * lin_r
         for vc in vocab_chunks:
-            log_p = _tile_logits(hb, weight, bias, vc, inv_temp, cdt, -lse_p[rb, None])
-            log_q = _tile_logits(rhb, rweight, rbias, vc, inv_temp, cdt, -lse_q[rb, None])
+            log_p = _tile_logits(hb, weight, bias, vc, pre, cdt, -lse_p[rb, None], post)
+            log_q = _tile_logits(rhb, rweight, rbias, vc, pre_r, cdt, -lse_q[rb, None], post_r)
+            J = None if post is None else ref.head_slope(log_p + lse_p[rb, None], pre, post)
+            J_r = None if post_r is None or not need_ref else ref.head_slope(log_q + lse_q[rb, None], pre_r, post_r)
             val, slope = _generator_and_slope(log_p - log_q, log_q, kind, alpha, g[rb], need_value=need_ref)
             dz = slope - log_p.exp_().mul_(gC[rb, None])  # g (phi - p C)
+            if J is not None:
+                dz.mul_(J)
             dh[rb].addmm_(dz, weight[vc].to(cdt))
             dW[vc].addmm_(dz.T, hb_c)
             if db is not None:
-                db[vc] += dz.sum(0) * inv_temp
+                db[vc] += dz.sum(0) * lin
             if need_ref:  # g (q f - phi - q (D - C))
                 dzr = (val * g[rb, None]).sub_(slope).sub_(log_q.exp_().mul_(gDC[rb, None]))
+                if J_r is not None:
+                    dzr.mul_(J_r)
                 drh[rb].addmm_(dzr, rweight[vc].to(cdt))
                 drW[vc].addmm_(dzr.T, rhb_c)
                 if drb is not None:
-                    drb[vc] += dzr.sum(0) * inv_temp
+                    drb[vc] += dzr.sum(0) * lin_r
                 del dzr
-            del log_p, log_q, val, slope, dz  # freed before the next tile's buffers are allocated
-    out = [(dh * inv_temp).to(h.dtype), dW.to(weight.dtype), None if db is None else db.to(bias.dtype)]
+            del log_p, log_q, val, slope, dz, J, J_r  # freed before the next tile's buffers are allocated
+    out = [(dh * lin).to(h.dtype), dW.to(weight.dtype), None if db is None else db.to(bias.dtype)]
     if need_ref:
-        out += [(drh * inv_temp).to(rh.dtype), drW.to(rweight.dtype), None if drb is None else drb.to(rbias.dtype)]
+        out += [(drh * lin_r).to(rh.dtype), drW.to(rweight.dtype), None if drb is None else drb.to(rbias.dtype)]
     else:
         out += [None, None, None]
     return out
@@ -169,33 +179,34 @@ def torch_backward(h, weight, bias, rh, rweight, rbias, valid, stats, g, inv_tem
 
 class LinearFDivergenceFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha, impl):
+    def forward(ctx, h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha, impl):
         if impl == "triton":
             from . import linear_divergence_triton as tk
-            div, stats = tk.forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha)
+            div, stats = tk.forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha)
         else:
-            div, stats = torch_forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha)
+            div, stats = torch_forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha)
         ctx.save_for_backward(h, weight, bias, rh, rweight, rbias, valid, div, *(stats or ()))
-        ctx.args = (inv_temp, kind, alpha, impl)
+        ctx.args = (heads, kind, alpha, impl)
         return div
 
     @staticmethod
     def backward(ctx, g):
         h, weight, bias, rh, rweight, rbias, valid, div, *stats = ctx.saved_tensors
-        inv_temp, kind, alpha, impl = ctx.args
+        heads, kind, alpha, impl = ctx.args
         need_ref = any(ctx.needs_input_grad[3:6])
         if impl == "triton":
             from . import linear_divergence_triton as tk
-            grads = tk.backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, inv_temp, kind, alpha,
+            grads = tk.backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, heads, kind, alpha,
                                 need_ref)
         else:
-            grads = torch_backward(h, weight, bias, rh, rweight, rbias, valid, stats, g, inv_temp, kind, alpha,
+            grads = torch_backward(h, weight, bias, rh, rweight, rbias, valid, stats, g, heads, kind, alpha,
                                    need_ref)
         return (*grads, None, None, None, None, None)
 
 
 def linear_f_divergence(hidden, weight, ref_hidden, ref_weight, *, kind="fkl", alpha=0.5, bias=None, ref_bias=None,
-                        temperature=1.0, mask=None, ref_requires_grad=False, impl="auto"):
+                        temperature=1.0, mask=None, ref_requires_grad=False, impl="auto", softcap=None,
+                        logit_scale=1.0, ref_softcap=None, ref_logit_scale=1.0):
     """Per-position exact D_f(pi_theta || pi_ref) between softmax(hidden W^T + b)/T and softmax(ref_hidden W_ref^T
     + b_ref)/T, summed over the whole vocabulary, without [tokens x vocab] buffers.
 
@@ -207,6 +218,8 @@ def linear_f_divergence(hidden, weight, ref_hidden, ref_weight, *, kind="fkl", a
         mask: optional (...) bool (or 0 / 1 integer or float; other values are an error); masked-out positions
             give 0 and no gradient. Every tensor must be on hidden's device.
         impl: "auto" | "triton" | "torch" | "reference".
+        softcap, logit_scale / ref_softcap, ref_logit_scale: each head's final-logit softcap (None = off) and logit
+            scale, applied as in dk.linear_logprob (scale, then cap, then the shared temperature).
     Returns: fp32 (...).
     """
     _check_kind(kind, alpha)
@@ -218,18 +231,23 @@ def linear_f_divergence(hidden, weight, ref_hidden, ref_weight, *, kind="fkl", a
         mask = torch.ones(lead, dtype=torch.bool, device=hidden.device)
     mask = _checks.check_mask("mask", mask, shape=lead, shape_of="hidden's leading", device=hidden.device)
     temperature = _checks.check_temperature(temperature)
+    softcap, logit_scale = _checks.check_head(softcap, logit_scale)
+    ref_softcap, ref_logit_scale = _checks.check_head(ref_softcap, ref_logit_scale, "ref_")
     impl = _checks.resolve_impl(impl, hidden.device)
     if not ref_requires_grad:
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
         ref_bias = None if ref_bias is None else ref_bias.detach()
     if impl == "reference":
         out = ref.linear_f_divergence(hidden, weight, ref_hidden, ref_weight, kind, alpha, bias, ref_bias,
-                                      temperature, mask.bool())
+                                      temperature, mask.bool(), softcap, logit_scale, ref_softcap, ref_logit_scale)
         return out if hidden.dtype == torch.float64 else out.float()
     h = hidden.reshape(N, D).contiguous()
     rh = ref_hidden.reshape(N, Dr).contiguous()
     div = LinearFDivergenceFunction.apply(h, weight.contiguous(), bias, rh, ref_weight.contiguous(), ref_bias,
-                                          mask.reshape(N).bool(), 1.0 / temperature, kind, alpha, impl)
+                                          mask.reshape(N).bool(),
+                                          (*ref.head_factors(softcap, logit_scale, temperature),
+                                           *ref.head_factors(ref_softcap, ref_logit_scale, temperature)),
+                                          kind, alpha, impl)
     if hidden.dtype != torch.float64:
         div = div.float()
     return div.reshape(lead)

@@ -17,16 +17,16 @@ import triton
 import triton.language as tl
 
 from ._checks import interpreter_on
-from .linear_logprob_triton import (_config, _logit_tile, _vocab_splits, dot_precision, merge_logsumexp,
+from .linear_logprob_triton import (_config, _logit_tile, _vocab_splits, dot_precision, head_slope, merge_logsumexp,
                                     online_logsumexp, scatter_grads, tile_of_program)
 from .token_loss_triton import KIND_IDS, f_and_grad
 
 
 @triton.jit
-def _lse2_kernel(H, W, Bias, Hr, Wr, BiasR, M, S, Mr, Sr, N, V, D, Dr, v_per_split, inv_temp,
+def _lse2_kernel(H, W, Bias, Hr, Wr, BiasR, M, S, Mr, Sr, N, V, D, Dr, v_per_split, pre, post, pre_r, post_r,
                  HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SOFTCAP_R: tl.constexpr):
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -39,11 +39,11 @@ def _lse2_kernel(H, W, Bias, Hr, Wr, BiasR, M, S, Mr, Sr, N, V, D, Dr, v_per_spl
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
-                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
+        z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, pre, post,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION, SOFTCAP)
         m, s, _, _ = online_logsumexp(m, s, z)
-        zr = _logit_tile(Hr, Wr, BiasR, rows, cols, row_mask, col_mask, Dr, inv_temp,
-                         HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
+        zr = _logit_tile(Hr, Wr, BiasR, rows, cols, row_mask, col_mask, Dr, pre_r, post_r,
+                         HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION, SOFTCAP_R)
         mr, sr, _, _ = online_logsumexp(mr, sr, zr)
     out = split.to(tl.int64) * N + rows
     tl.store(M + out, m, mask=row_mask)
@@ -53,15 +53,15 @@ def _lse2_kernel(H, W, Bias, Hr, Wr, BiasR, M, S, Mr, Sr, N, V, D, Dr, v_per_spl
 
 
 @triton.jit
-def _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, col_mask, lse, lse_r, D, Dr, inv_temp, alpha,
-                KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
+def _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, col_mask, lse, lse_r, D, Dr, pre, post, pre_r,
+                post_r, alpha, KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """For one tile: p, q f(u), q u f'(u), q (zeros on padded columns)."""
-    z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
-                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
-    zr = _logit_tile(Hr, Wr, BiasR, rows, cols, row_mask, col_mask, Dr, inv_temp,
-                     HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SOFTCAP_R: tl.constexpr):
+    """For one tile: p, q f(u), q u f'(u), q (zeros on padded columns), and both heads' d z / d a."""
+    z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, pre, post,
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION, SOFTCAP)
+    zr = _logit_tile(Hr, Wr, BiasR, rows, cols, row_mask, col_mask, Dr, pre_r, post_r,
+                     HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION, SOFTCAP_R)
     live = col_mask[None, :]
     # Padded columns: weight q = 0 and ratio 1, which every generator maps to 0.
     log_p = tl.where(live, z - lse[:, None], 0.0)
@@ -69,14 +69,16 @@ def _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, col_mask, lse, 
     lw = tl.where(live, log_q, float("-inf"))
     f, phi = f_and_grad(log_p - log_q, lw, KIND, alpha)
     p = tl.where(live, tl.exp(log_p), 0.0)
-    return p, tl.where(live, f, 0.0), tl.where(live, phi, 0.0), tl.exp(lw)
+    slope = head_slope(tl.where(live, z, 0.0), pre, post, SOFTCAP)
+    slope_r = head_slope(tl.where(live, zr, 0.0), pre_r, post_r, SOFTCAP_R)
+    return p, tl.where(live, f, 0.0), tl.where(live, phi, 0.0), tl.exp(lw), slope, slope_r
 
 
 @triton.jit
-def _div_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Dout, Cout, N, V, D, Dr, v_per_split, inv_temp, alpha,
-                KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
+def _div_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Dout, Cout, N, V, D, Dr, v_per_split, pre, post, pre_r, post_r,
+                alpha, KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, SOFTCAP_R: tl.constexpr):
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -88,9 +90,9 @@ def _div_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Dout, Cout, N, V, D, Dr, v
     v_end = tl.minimum(v_start + v_per_split, V)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        p, f, phi, q = _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, cols < v_end, lse, lse_r, D, Dr,
-                                   inv_temp, alpha, KIND, HAS_BIAS, HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
-                                   DOT_PRECISION)
+        p, f, phi, q, _, _ = _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, cols < v_end, lse, lse_r,
+                                         D, Dr, pre, post, pre_r, post_r, alpha, KIND, HAS_BIAS, HAS_RBIAS, BLOCK_N,
+                                         BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION, SOFTCAP, SOFTCAP_R)
         acc_d += tl.sum(f, axis=1)
         acc_c += tl.sum(phi, axis=1)
     out = split.to(tl.int64) * N + rows
@@ -100,37 +102,45 @@ def _div_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Dout, Cout, N, V, D, Dr, v
 
 @triton.jit
 def _div_backward_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Div, C, G, Valid, dH, dW, dB, dHr, dWr, dBr,
-                         N, V, D, Dr, inv_temp, alpha,
+                         N, V, D, Dr, pre, post, pre_r, post_r, alpha,
                          KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr, NEED_REF: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+                         SOFTCAP_R: tl.constexpr):
     rows, cols, row_mask, col_mask = tile_of_program(N, V, BLOCK_N, BLOCK_V, GROUP)
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
     lse_r = tl.load(LseR + rows, mask=row_mask, other=0.0)
-    p, f, phi, q = _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, col_mask, lse, lse_r, D, Dr,
-                               inv_temp, alpha, KIND, HAS_BIAS, HAS_RBIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST,
-                                   DOT_PRECISION)
+    p, f, phi, q, slope, slope_r = _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, col_mask, lse, lse_r,
+                                               D, Dr, pre, post, pre_r, post_r, alpha, KIND, HAS_BIAS, HAS_RBIAS,
+                                               BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION, SOFTCAP, SOFTCAP_R)
     c = tl.load(C + rows, mask=row_mask, other=0.0)
     g = tl.load(G + rows, mask=row_mask, other=0.0)
     valid = tl.load(Valid + rows, mask=row_mask, other=0) != 0
     keep = (valid & row_mask)[:, None] & col_mask[None, :]
-    dz = tl.where(keep, g[:, None] * (phi - p * c[:, None]) * inv_temp, 0.0)
+    dz = tl.where(keep, g[:, None] * (phi - p * c[:, None]) * slope, 0.0)
     if HAS_BIAS:
         tl.atomic_add(dB + cols, tl.sum(dz, axis=0), mask=col_mask)
     scatter_grads(dz, H, W, dH, dW, rows, cols, row_mask, col_mask, valid, D, True, BLOCK_D, UPCAST, DOT_PRECISION)
     if NEED_REF:
         dv = tl.load(Div + rows, mask=row_mask, other=0.0)
-        dzr = tl.where(keep, g[:, None] * (f - phi - q * (dv - c)[:, None]) * inv_temp, 0.0)
+        dzr = tl.where(keep, g[:, None] * (f - phi - q * (dv - c)[:, None]) * slope_r, 0.0)
         if HAS_RBIAS:
             tl.atomic_add(dBr + cols, tl.sum(dzr, axis=0), mask=col_mask)
         scatter_grads(dzr, Hr, Wr, dHr, dWr, rows, cols, row_mask, col_mask, valid, Dr, True, BLOCK_D, UPCAST,
                       DOT_PRECISION)
 
 
-def forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha):
+def _head_args(heads):
+    """(pre, post, pre_r, post_r) floats and the SOFTCAP flags of the kernels (post None: no cap)."""
+    pre, post, pre_r, post_r = heads
+    return ((pre, 1.0 if post is None else post, pre_r, 1.0 if post_r is None else post_r),
+            dict(SOFTCAP=post is not None, SOFTCAP_R=post_r is not None))
+
+
+def forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha):
     N, D = h.shape
     Dr, V = rh.shape[1], weight.shape[0]
-    cfg = _config(N, V, max(D, Dr))
+    cfg, cfg_div = _config("div_lse", h.dtype), _config("div", h.dtype)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     splits = _vocab_splits(N, V, bn, bv, h.device)
     v_per_split = triton.cdiv(triton.cdiv(V, splits), bv) * bv
@@ -138,24 +148,27 @@ def forward(h, weight, bias, rh, rweight, rbias, valid, inv_temp, kind, alpha):
     f32 = dict(dtype=torch.float32, device=h.device)
     m, s, mr, sr = (torch.empty(splits, N, **f32) for _ in range(4))
     common = dict(HAS_BIAS=bias is not None, HAS_RBIAS=rbias is not None, UPCAST=interpreter_on(),
-                  DOT_PRECISION=dot_precision(h), **cfg)
+                  DOT_PRECISION=dot_precision(h), **_head_args(heads)[1])
+    head = _head_args(heads)[0]
     b_arg, rb_arg = bias if bias is not None else h, rbias if rbias is not None else rh
     grid = (triton.cdiv(N, bn), splits)
-    _lse2_kernel[grid](h, weight, b_arg, rh, rweight, rb_arg, m, s, mr, sr, N, V, D, Dr, v_per_split, inv_temp,
-                       **common)
+    _lse2_kernel[grid](h, weight, b_arg, rh, rweight, rb_arg, m, s, mr, sr, N, V, D, Dr, v_per_split, *head,
+                       **common, **cfg)
     lse, lse_r = merge_logsumexp(m, s), merge_logsumexp(mr, sr)
     d_part, c_part = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
-    _div_kernel[grid](h, weight, b_arg, rh, rweight, rb_arg, lse, lse_r, d_part, c_part, N, V, D, Dr, v_per_split,
-                      inv_temp, alpha, KIND=KIND_IDS[kind], **common)
+    # Same vocab ranges (v_per_split) as pass 1; its own tiles, so its own row-block count.
+    _div_kernel[(triton.cdiv(N, cfg_div["BLOCK_N"]), splits)](
+        h, weight, b_arg, rh, rweight, rb_arg, lse, lse_r, d_part, c_part, N, V, D, Dr, v_per_split, *head, alpha,
+        KIND=KIND_IDS[kind], **common, **cfg_div)
     div = torch.where(valid, d_part.sum(0), torch.zeros_like(lse))
     return div, (lse, lse_r, c_part.sum(0))
 
 
-def backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, inv_temp, kind, alpha, need_ref):
+def backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, heads, kind, alpha, need_ref):
     lse, lse_r, c = stats
     N, D = h.shape
     Dr, V = rh.shape[1], weight.shape[0]
-    cfg = _config(N, V, max(D, Dr))
+    cfg = _config("div_bwd", h.dtype)
     f32 = dict(dtype=torch.float32, device=h.device)
     g = torch.where(valid, g.float(), torch.zeros((), **f32)).contiguous()
     dh, dW = torch.zeros(N, D, **f32), torch.zeros(V, D, **f32)
@@ -168,9 +181,10 @@ def backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, inv_temp
     grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
     _div_backward_kernel[grid](
         h, weight, bias if bias is not None else h, rh, rweight, rbias if rbias is not None else rh,
-        lse, lse_r, div, c, g, valid.to(torch.int8), dh, dW, db, drh, drW, drb, N, V, D, Dr, inv_temp, alpha,
-        KIND=KIND_IDS[kind], HAS_BIAS=bias is not None, HAS_RBIAS=rbias is not None, NEED_REF=need_ref, GROUP=8,
-        UPCAST=interpreter_on(), DOT_PRECISION=dot_precision(h), **cfg)
+        lse, lse_r, div, c, g, valid.to(torch.int8), dh, dW, db, drh, drW, drb, N, V, D, Dr,
+        *_head_args(heads)[0], alpha, KIND=KIND_IDS[kind], HAS_BIAS=bias is not None, HAS_RBIAS=rbias is not None,
+        NEED_REF=need_ref, GROUP=8, UPCAST=interpreter_on(), DOT_PRECISION=dot_precision(h), **_head_args(heads)[1],
+        **cfg)
     out = [dh.to(h.dtype), dW.to(weight.dtype), db.to(bias.dtype) if bias is not None else None]
     if need_ref:
         out += [drh.to(rh.dtype), drW.to(rweight.dtype), drb.to(rbias.dtype) if rbias is not None else None]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
+from .reference import head_factors
 from .reference import linear_logprob as _reference_linear_logprob
 
 # Budget for the row-chunk helpers' [rows, V] work buffer, used by the fused loss's torch path (one fp32 buffer plus
@@ -129,9 +130,16 @@ def tiles(N, V, itemsize, tile_bytes=None):
             [slice(v, min(V, v + cols)) for v in range(0, V, cols)])
 
 
-def _tile_logits(h, weight, bias, vc, inv_temp, cdt, neg_shift=None):
-    """(h @ W[vc].T + b[vc]) / T - shift for one tile, in cdt (fp32 / fp64); neg_shift is (rows, 1) or None.
-    fp32 / fp64 inputs take one addmm, which writes the shifted tile in one pass."""
+def _tile_logits(h, weight, bias, vc, inv_temp, cdt, neg_shift=None, post=None):
+    """z - shift for one tile, in cdt (fp32 / fp64), z = (h @ W[vc].T + b[vc]) * inv_temp, or with a softcap
+    post * tanh(inv_temp * (h @ W[vc].T + b[vc])) (reference.head_factors: inv_temp is its `pre`); neg_shift is
+    (rows, 1) or None. Uncapped fp32 / fp64 inputs take one addmm, which writes the shifted tile in one pass."""
+    if post is not None:
+        z = h @ weight[vc].T
+        if bias is not None:
+            z += bias[vc]
+        z = torch.tanh_(z.to(cdt).mul_(inv_temp)).mul_(post)
+        return z if neg_shift is None else z.add_(neg_shift)
     if weight.dtype != cdt:  # bf16 / fp16: the product in the input dtype, the rest in fp32
         z = h @ weight[vc].T
         if bias is not None:
@@ -149,7 +157,7 @@ def _tile_logits(h, weight, bias, vc, inv_temp, cdt, neg_shift=None):
     return torch.addmm(base, h, weight[vc].T, alpha=inv_temp)
 
 
-def _block_sums(hb, tb, weight, bias, vocab_chunks, inv_temp, cdt, with_entropy, shift=None):
+def _block_sums(hb, tb, weight, bias, vocab_chunks, inv_temp, cdt, with_entropy, shift=None, post=None):
     """One row block's pass over the vocabulary with y = z - shift: returns shift, sum_v exp(y), sum_v exp(y) y (or
     None) and y at the target. shift defaults to the first chunk's row max: a logit of the row, so the sum is >= 1
     (no underflow) and no running max or rescaling is needed; a later logit above shift + ~88 overflows the fp32 sum
@@ -160,7 +168,7 @@ def _block_sums(hb, tb, weight, bias, vocab_chunks, inv_temp, cdt, with_entropy,
     y_target = torch.zeros(rows, dtype=cdt, device=hb.device)
     neg_shift = None if shift is None else -shift[:, None]
     for vc in vocab_chunks:
-        y = _tile_logits(hb, weight, bias, vc, inv_temp, cdt, neg_shift)
+        y = _tile_logits(hb, weight, bias, vc, inv_temp, cdt, neg_shift, post)
         if neg_shift is None:
             shift = y.amax(1)
             neg_shift = -shift[:, None]
@@ -179,7 +187,7 @@ def _block_sums(hb, tb, weight, bias, vocab_chunks, inv_temp, cdt, with_entropy,
     return shift, total, moment, y_target
 
 
-def torch_forward(h, weight, bias, targets, valid, inv_temp, with_entropy):
+def torch_forward(h, weight, bias, targets, valid, inv_temp, with_entropy, post=None):
     """h (N, D), targets (N,) already made safe (ignored -> 0). Returns logp, entropy (or None) and what backward
     needs: the per-row shift and sum_v exp(z - shift), kept apart rather than merged into one rounded lse so that
     backward's P = exp(z - shift) / sum stays exact to the last bit even for large logits.
@@ -193,13 +201,13 @@ def torch_forward(h, weight, bias, targets, valid, inv_temp, with_entropy):
     row_blocks, vocab_chunks = tiles(N, V, torch.finfo(cdt).bits // 8)
     for rb in row_blocks:
         hb, tb = h[rb], targets[rb]
-        sums = _block_sums(hb, tb, weight, bias, vocab_chunks, inv_temp, cdt, with_entropy)
+        sums = _block_sums(hb, tb, weight, bias, vocab_chunks, inv_temp, cdt, with_entropy, post=post)
         over = torch.isposinf(sums[1]).nonzero().squeeze(1)
         if over.numel():
-            true_max = torch.stack([_tile_logits(hb[over], weight, bias, vc, inv_temp, cdt).amax(1)
+            true_max = torch.stack([_tile_logits(hb[over], weight, bias, vc, inv_temp, cdt, post=post).amax(1)
                                     for vc in vocab_chunks]).amax(0)
             redone = _block_sums(hb[over], tb[over], weight, bias, vocab_chunks, inv_temp, cdt, with_entropy,
-                                 true_max)
+                                 true_max, post)
             for mine, fixed in zip(sums, redone):
                 if mine is not None:
                     mine[over] = fixed
@@ -216,7 +224,7 @@ def torch_forward(h, weight, bias, targets, valid, inv_temp, with_entropy):
     return logp, entropy, (shift, total)
 
 
-def torch_backward(h, weight, bias, targets, valid, shift, total, entropy, g_logp, g_ent, inv_temp):
+def torch_backward(h, weight, bias, targets, valid, shift, total, entropy, g_logp, g_ent, inv_temp, post=None):
     """Gradients of sum(g_logp * logp + g_ent * H) with respect to h, weight, bias (fp32 accumulation); recomputes
     each tile's logits, shifted as in the forward pass: e = exp(z - shift), P = e / total.
 
@@ -224,7 +232,8 @@ def torch_backward(h, weight, bias, targets, valid, shift, total, entropy, g_log
     (g_l onehot - Q) / T:
         dW = (scatter of g_l h at the targets - Q.T @ h) / T,   dh = (g_l W[y] - Q @ W) / T,   db likewise.
     Q = e * (a + b (z - shift)) with per-row a, b; without the entropy b = 0 and a is folded into h (and into dh after
-    the loop) rather than into the tile, which saves an elementwise pass over it."""
+    the loop) rather than into the tile, which saves an elementwise pass over it. With a softcap (post set) the
+    logits' gradient is that of z times d z / d a (reference.head_slope), a tile of its own: _capped_backward."""
     N, D = h.shape
     V = weight.shape[0]
     cdt = shift.dtype
@@ -236,6 +245,9 @@ def torch_backward(h, weight, bias, targets, valid, shift, total, entropy, g_log
         h_safe = torch.where(valid[:, None], h, 0.0)
         shift = torch.where(valid, shift, 1e30)
         total = torch.where(valid, total, 1.0)
+    if post is not None:
+        return _capped_backward(h, h_safe, weight, bias, targets, valid, shift, total, entropy, g_l, g_ent,
+                                inv_temp, post)
     dh = torch.empty_like(h)
     dW, db = grad_buffers(weight, bias, cdt)
     wide = weight.dtype != cdt  # bf16 / fp16: the tile's products with W are done in fp32
@@ -273,6 +285,46 @@ def torch_backward(h, weight, bias, targets, valid, shift, total, entropy, g_log
     return dh, dW.to(weight.dtype), None if db is None else db.to(bias.dtype)
 
 
+def _capped_backward(h, h_safe, weight, bias, targets, valid, shift, total, entropy, g_l, g_ent, pre, post):
+    """torch_backward for a softcapped head: per tile G = (Q - g_l onehot) * dz/da = -dlogit, then dh = -G @ W,
+    dW = -G.T @ h, db = -sum G (the target term cannot be folded out of the tile: it is scaled by the slope there)."""
+    from .reference import head_slope
+    N, D = h.shape
+    V = weight.shape[0]
+    cdt = shift.dtype
+    zero = torch.zeros((), dtype=cdt, device=h.device)
+    dh = torch.empty_like(h)
+    dW, db = grad_buffers(weight, bias, cdt)
+    wide = weight.dtype != cdt
+    row_blocks, vocab_chunks = tiles(N, V, torch.finfo(cdt).bits // 8)
+    for rb in row_blocks:
+        hb, gl_b, total_b, tb = h_safe[rb], g_l[rb], total[rb], targets[rb]
+        if g_ent is None:
+            a, b = (gl_b / total_b)[:, None], None
+        else:
+            gH = torch.where(valid[rb], g_ent[rb].to(cdt), zero)
+            H_b = torch.where(valid[rb], entropy[rb], zero)
+            a = ((gl_b + gH * (H_b - total_b.log())) / total_b)[:, None]
+            b = (gH / total_b)[:, None]
+        hb_c = hb.to(cdt)
+        GW = torch.zeros(hb.shape, dtype=cdt, device=h.device)
+        for vc in vocab_chunks:
+            y = _tile_logits(hb, weight, bias, vc, pre, cdt, -shift[rb, None], post)
+            slope = head_slope(y + shift[rb, None], pre, post)
+            G = y.exp_().mul_(a) if b is None else softmax_weights_(y, a, b)
+            local = tb - vc.start
+            inside = (local >= 0) & (local < G.shape[1])
+            G.scatter_add_(1, local.clamp(0, G.shape[1] - 1)[:, None], torch.where(inside, -gl_b, zero)[:, None])
+            G.mul_(slope)
+            GW.addmm_(G, weight[vc].to(cdt) if wide else weight[vc])
+            dW[vc].addmm_(G.T, hb_c, alpha=-1.0)
+            if db is not None:
+                db[vc] -= G.sum(0)
+            del G, y, slope  # freed before the next tile is allocated
+        dh[rb] = GW.neg_().to(h.dtype)
+    return dh, dW.to(weight.dtype), None if db is None else db.to(bias.dtype)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Autograd
 # --------------------------------------------------------------------------------------------------------------------
@@ -282,16 +334,16 @@ class LinearLogprobFunction(torch.autograd.Function):
     """Inputs are flat: h (N, D), weight (V, D), bias (V,) or None, targets (N,) safe, valid (N,) bool."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, valid, inv_temp, with_entropy, impl):
+    def forward(ctx, h, weight, bias, targets, valid, inv_temp, with_entropy, impl, post=None):
         if impl == "triton":
             from . import linear_logprob_triton as tk
-            logp, lse, S = tk.forward(h, weight, bias, targets, valid, inv_temp, with_entropy)
+            logp, lse, S = tk.forward(h, weight, bias, targets, valid, inv_temp, with_entropy, post)
             entropy = torch.where(valid, lse - S, torch.zeros_like(lse)) if with_entropy else None
             stats = (lse, S)
         else:
-            logp, entropy, stats = torch_forward(h, weight, bias, targets, valid, inv_temp, with_entropy)
+            logp, entropy, stats = torch_forward(h, weight, bias, targets, valid, inv_temp, with_entropy, post)
         ctx.save_for_backward(h, weight, bias, targets, valid, entropy, *stats)
-        ctx.inv_temp, ctx.impl = inv_temp, impl
+        ctx.inv_temp, ctx.impl, ctx.post = inv_temp, impl, post
         return logp, entropy
 
     @staticmethod
@@ -302,11 +354,11 @@ class LinearLogprobFunction(torch.autograd.Function):
         if ctx.impl == "triton":
             from . import linear_logprob_triton as tk
             dh, dW, db = tk.backward(h, weight, bias, targets, valid, *stats, g_logp, g_ent, ctx.inv_temp,
-                                     need_weight_grad=ctx.needs_input_grad[1])
+                                     need_weight_grad=ctx.needs_input_grad[1], post=ctx.post)
         else:
             dh, dW, db = torch_backward(h, weight, bias, targets, valid, *stats, entropy, g_logp, g_ent,
-                                        ctx.inv_temp)
-        return dh, dW, db, None, None, None, None, None
+                                        ctx.inv_temp, ctx.post)
+        return dh, dW, db, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -314,10 +366,13 @@ class LinearLogprobFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def prepare_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, impl="torch"):
-    """Checks, then flat contiguous h (N, D), weight, safe targets (ignored -> 0), valid mask, 1 / temperature."""
+def prepare_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, impl="torch", softcap=None,
+                          logit_scale=1.0):
+    """Checks, then flat contiguous h (N, D), weight, safe targets (ignored -> 0), valid mask and the head's
+    (pre, post) factors (reference.head_factors: pre = logit_scale / temperature and post None without a softcap)."""
     N, D, V = _checks.check_linear_inputs(hidden, weight, targets, bias, allow_fp64=impl == "torch")
     temperature = _checks.check_temperature(temperature)
+    softcap, logit_scale = _checks.check_head(softcap, logit_scale)
     if impl == "triton" and hidden.dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"hidden has dtype {hidden.dtype}; impl='triton' supports float32, bfloat16, float16")
     _checks.check_targets_range(targets, V, ignore_index)
@@ -328,12 +383,13 @@ def prepare_linear_inputs(hidden, weight, targets, bias, temperature, ignore_ind
     t = targets.reshape(N)
     valid = t != ignore_index
     safe_t = torch.where(valid, t, torch.zeros_like(t)).long()
-    return h, w, safe_t, valid, 1.0 / temperature
+    return h, w, safe_t, valid, *head_factors(softcap, logit_scale, temperature)
 
 
 def linear_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                   return_entropy=False, impl="auto"):
-    """Per-token log pi(target) (and entropy) of softmax((hidden @ weight.T + bias) / temperature).
+                   return_entropy=False, impl="auto", softcap=None, logit_scale=1.0):
+    """Per-token log pi(target) (and entropy) of softmax(z), z = softcap(logit_scale * (hidden @ weight.T + bias))
+    / temperature, softcap(x) = cap * tanh(x / cap).
 
     Args:
         hidden: (..., D) float32 / bfloat16 / float16 (float64 for impl="torch" / "reference").
@@ -346,6 +402,9 @@ def linear_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         ignore_index: positions with this target give 0 and receive no gradient.
         return_entropy: also return the entropy of the distribution at each position.
         impl: "auto" (Triton on CUDA, chunked torch elsewhere) | "triton" | "torch" | "reference".
+        softcap: None (off) or the cap c > 0 of Gemma-style final-logit softcapping (config.final_logit_softcapping,
+            30.0 for Gemma 2). logit_scale: > 0, multiplies the logits first (Cohere's config.logit_scale).
+            Order as in the models and trainers (reference.head_transform): scale, then cap, then temperature.
 
     Returns:
         fp32 tensor(s) of targets' shape: logp, or (logp, entropy). Differentiable w.r.t. hidden, weight and bias
@@ -357,13 +416,14 @@ def linear_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
     if impl == "reference":
         _checks.check_linear_inputs(hidden, weight, targets, bias, allow_fp64=True)
         _checks.check_targets_range(targets, weight.shape[0], ignore_index)
+        softcap, logit_scale = _checks.check_head(softcap, logit_scale)
         out = _reference_linear_logprob(hidden, weight, targets, bias, _checks.check_temperature(temperature),
-                                        ignore_index, return_entropy)
+                                        ignore_index, return_entropy, softcap, logit_scale)
         return tuple(o.float() for o in out) if return_entropy else out.float()
-    h, w, safe_t, valid, inv_temp = prepare_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index,
-                                                          impl)
+    h, w, safe_t, valid, pre, post = prepare_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index,
+                                                           impl, softcap, logit_scale)
     lead = targets.shape
-    logp, entropy = LinearLogprobFunction.apply(h, w, bias, safe_t, valid, inv_temp, return_entropy, impl)
+    logp, entropy = LinearLogprobFunction.apply(h, w, bias, safe_t, valid, pre, return_entropy, impl, post)
     if hidden.dtype != torch.float64:
         logp = logp.float()
     logp = logp.reshape(lead)

@@ -26,10 +26,33 @@ from ._checks import interpreter_on
 
 
 @triton.jit
-def _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
+def tanh(x):
+    """tanh from exp (libdevice's is a stub in the interpreter): (1 - e) / (1 + e) with e = exp(-2|x|), and the odd
+    Taylor series to x^7 below |x| = 0.125, where 1 - e would cancel (series error < 4e-10 there)."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    x2 = ax * ax
+    small = ax * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397)))
+    t = tl.where(ax < 0.125, small, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def head_slope(z, pre, post, SOFTCAP: tl.constexpr):
+    """d z / d a of the head transform (reference.head_factors / head_slope), from z."""
+    if SOFTCAP:
+        t = z / post
+        return (1.0 - t * t) * (pre * post)
+    else:
+        return tl.zeros_like(z) + pre
+
+
+@triton.jit
+def _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp, post,
                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """z[rows, cols] = (h @ W.T + b) * inv_temp, fp32; columns past V are -inf."""
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
+    """z[rows, cols] = (h @ W.T + b) * inv_temp, or post * tanh(inv_temp * (h @ W.T + b)) with SOFTCAP
+    (reference.head_factors: inv_temp is its `pre`), fp32; columns past V are -inf."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     h_base = H + rows.to(tl.int64)[:, None] * D
     w_base = W + cols.to(tl.int64)[:, None] * D
@@ -45,7 +68,10 @@ def _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
     if HAS_BIAS:
         b = tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)
         acc = acc + b[None, :]
-    z = acc * inv_temp
+    if SOFTCAP:
+        z = post * tanh(acc * inv_temp)
+    else:
+        z = acc * inv_temp
     return tl.where(col_mask[None, :], z, float("-inf"))
 
 
@@ -61,10 +87,10 @@ def online_logsumexp(m, s, z):
 
 @triton.jit
 def _forward_kernel(H, W, Bias, Targets, M_out, S_out, T_out, Zt_out,
-                    N, V, D, v_per_split, inv_temp,
+                    N, V, D, v_per_split, inv_temp, post,
                     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -80,8 +106,8 @@ def _forward_kernel(H, W, Bias, Targets, M_out, S_out, T_out, Zt_out,
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
-                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
+        z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp, post,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION, SOFTCAP)
         m_new, s, rescale, e = online_logsumexp(m, s, z)
         if WITH_ENTROPY:
             t = t * rescale + tl.sum(e * tl.where(col_mask[None, :], z, 0.0), axis=1)
@@ -97,13 +123,13 @@ def _forward_kernel(H, W, Bias, Targets, M_out, S_out, T_out, Zt_out,
 
 @triton.jit
 def _backward_kernel(H, W, Bias, Targets, Lse, Sz, G_logp, G_ent, dH, dW, dBias,
-                     N, V, D, inv_temp,
+                     N, V, D, inv_temp, post,
                      HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, NEED_DW: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     rows, cols, row_mask, col_mask = tile_of_program(N, V, BLOCK_N, BLOCK_V, GROUP)
-    z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp,
-                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION)
+    z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp, post,
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION, SOFTCAP)
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
     g_l = tl.load(G_logp + rows, mask=row_mask, other=0.0)
     target = tl.load(Targets + rows, mask=row_mask, other=-1)
@@ -115,7 +141,8 @@ def _backward_kernel(H, W, Bias, Targets, Lse, Sz, G_logp, G_ent, dH, dW, dBias,
         dz -= g_h[:, None] * p * tl.where(col_mask[None, :], z - s_z[:, None], 0.0)
     # Ignored rows arrive with g = 0 and valid = False; the where keeps a NaN hidden state in them out of dW.
     valid = target >= 0
-    dz = tl.where(valid[:, None] & row_mask[:, None] & col_mask[None, :], dz * inv_temp, 0.0)
+    dz = tl.where(valid[:, None] & row_mask[:, None] & col_mask[None, :], dz * head_slope(z, inv_temp, post, SOFTCAP),
+                  0.0)
     if HAS_BIAS:
         tl.atomic_add(dBias + cols, tl.sum(dz, axis=0), mask=col_mask)
     scatter_grads(dz, H, W, dH, dW, rows, cols, row_mask, col_mask, valid, D, NEED_DW, BLOCK_D, UPCAST,
@@ -171,12 +198,30 @@ def dot_precision(x):
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _config(N, V, D):
-    """Tile sizes: large tiles under the interpreter (it runs programs one after another), tensor-core friendly
-    tiles on the GPU."""
+# GPU tile configs per (kernel, input dtype): (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages). Chosen on the
+# ahead-of-time compile table (python -m benchmarks.aot, triton 3.6's ptxas; registers and stack per thread): the
+# earlier single config 64 x 128 x 64, 8 warps, 3 stages spilled in every kernel but the log-prob forward (backward:
+# 328-504 B of stack at 255 registers, sm_90 bf16). Every row below compiles with 0 spill bytes: bf16 on sm_90 and
+# sm_80, fp32 on sm_90. Each kernel holds 255 registers or fewer x 256 threads, one block per SM at 8 warps (the
+# 4-warp fp32 forward: up to two). The divergence kernels hold two logit tiles, hence BLOCK_V=64. fp32 tiles
+# multiply without tensor cores (ieee dot), which needs smaller D blocks; fp16 takes bf16's configs.
+GPU_CONFIGS = {
+    ("logprob_fwd", "bf16"): (64, 128, 32, 8, 3), ("logprob_bwd", "bf16"): (64, 128, 32, 8, 3),
+    ("div_lse", "bf16"): (64, 128, 32, 8, 3), ("div", "bf16"): (64, 64, 32, 8, 3),
+    ("div_bwd", "bf16"): (64, 64, 32, 8, 3),
+    ("logprob_fwd", "fp32"): (32, 64, 32, 4, 2), ("logprob_bwd", "fp32"): (64, 64, 16, 8, 2),
+    ("div_lse", "fp32"): (64, 64, 16, 8, 2), ("div", "fp32"): (64, 64, 16, 8, 2),
+    ("div_bwd", "fp32"): (64, 64, 16, 8, 1),
+}
+
+
+def _config(kernel, dtype):
+    """Tile sizes: large tiles under the interpreter (it runs programs one after another), GPU_CONFIGS on the GPU."""
     if interpreter_on():
         return dict(BLOCK_N=32, BLOCK_V=128, BLOCK_D=64, num_warps=4, num_stages=1)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+    key = "fp32" if dtype == torch.float32 else "bf16"
+    bn, bv, bd, warps, stages = GPU_CONFIGS[(kernel, key)]
+    return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, num_warps=warps, num_stages=stages)
 
 
 def _vocab_splits(N, V, block_n, block_v, device):
@@ -189,10 +234,10 @@ def _vocab_splits(N, V, block_n, block_v, device):
     return min(want, triton.cdiv(V, block_v))
 
 
-def forward(h, weight, bias, targets, valid, inv_temp, with_entropy):
+def forward(h, weight, bias, targets, valid, inv_temp, with_entropy, post=None):
     N, D = h.shape
     V = weight.shape[0]
-    cfg = _config(N, V, D)
+    cfg = _config("logprob_fwd", h.dtype)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     splits = _vocab_splits(N, V, bn, bv, h.device)
     v_per_split = triton.cdiv(triton.cdiv(V, splits), bv) * bv
@@ -204,8 +249,8 @@ def forward(h, weight, bias, targets, valid, inv_temp, with_entropy):
     tgt = torch.where(valid, targets, torch.full_like(targets, -1))
     _forward_kernel[(triton.cdiv(N, bn), splits)](
         h, weight, bias if bias is not None else h, tgt, m, s, t, zt, N, V, D, v_per_split, inv_temp,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, UPCAST=interpreter_on(),
-        DOT_PRECISION=dot_precision(h), **cfg)
+        1.0 if post is None else post, HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, UPCAST=interpreter_on(),
+        DOT_PRECISION=dot_precision(h), SOFTCAP=post is not None, **cfg)
     lse = merge_logsumexp(m, s)
     logp = torch.where(valid, zt.sum(0) - lse, torch.zeros_like(lse))
     S = None
@@ -221,10 +266,10 @@ def merge_logsumexp(m, s):
     return m_all + torch.log((s * torch.exp(m - m_all)).sum(0))
 
 
-def backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, inv_temp, need_weight_grad=True):
+def backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, inv_temp, need_weight_grad=True, post=None):
     N, D = h.shape
     V = weight.shape[0]
-    cfg = _config(N, V, D)
+    cfg = _config("logprob_bwd", h.dtype)
     zero = torch.zeros((), dtype=torch.float32, device=h.device)
     g_logp = torch.where(valid, g_logp.float(), zero).contiguous()
     with_entropy = g_ent is not None
@@ -236,8 +281,8 @@ def backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, inv_temp, n
     grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
     _backward_kernel[grid](
         h, weight, bias if bias is not None else h, tgt, lse, S if S is not None else lse, g_logp, g_ent,
-        dh, dW, db if db is not None else dh, N, V, D, inv_temp,
+        dh, dW, db if db is not None else dh, N, V, D, inv_temp, 1.0 if post is None else post,
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, NEED_DW=need_weight_grad, GROUP=8,
-        UPCAST=interpreter_on(), DOT_PRECISION=dot_precision(h), **cfg)
+        UPCAST=interpreter_on(), DOT_PRECISION=dot_precision(h), SOFTCAP=post is not None, **cfg)
     return (dh.to(h.dtype), dW.to(weight.dtype) if need_weight_grad else None,
             None if db is None else db.to(bias.dtype))

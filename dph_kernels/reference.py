@@ -23,18 +23,49 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def scaled_logits(hidden, weight, bias=None, temperature=1.0):
-    """z = (hidden @ weight.T + bias) / T, with the matmul in the input dtype (as eager PyTorch does) and the
-    division in fp32 / fp64."""
+def head_transform(logits, softcap=None, logit_scale=1.0, temperature=1.0):
+    """z = softcap(logit_scale * logits) / temperature, softcap(x) = cap * tanh(x / cap) (identity when None).
+
+    The order is the models' own: Cohere multiplies lm_head's output by logit_scale (modeling_cohere.py,
+    `logits * self.logit_scale`); Gemma 2 caps lm_head's output with final_logit_softcapping (modeling_gemma2.py:
+    `logits / cap`, `tanh`, `* cap`); the sampler and the trainers (TRL, verl, this loop) divide the model's logits
+    by the temperature afterwards. Scale and temperature are linear, so without a cap they fold into one factor."""
+    z = logits * logit_scale if logit_scale != 1.0 else logits
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def head_factors(softcap=None, logit_scale=1.0, temperature=1.0):
+    """(pre, post) with head_transform(a) = post * tanh(pre * a) when softcap is set (post = cap / T,
+    pre = logit_scale / cap), and = pre * a with post None otherwise (pre = logit_scale / T). The kernels use this
+    form; d z / d a = pre * post * (1 - (z / post)^2), or pre (head_slope)."""
+    if softcap is None:
+        return logit_scale / temperature, None
+    return logit_scale / softcap, softcap / temperature
+
+
+def head_slope(z, pre, post):
+    """d z / d a of head_factors' form, from z itself (no need to keep the raw logits)."""
+    if post is None:
+        return pre
+    t = z / post
+    return (1.0 - t * t) * (pre * post)
+
+
+def scaled_logits(hidden, weight, bias=None, temperature=1.0, softcap=None, logit_scale=1.0):
+    """z = head_transform(hidden @ weight.T + bias), with the matmul in the input dtype (as eager PyTorch does) and
+    the rest in fp32 / fp64."""
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    return logits.to(_compute_dtype(hidden.dtype)) / temperature
+    return head_transform(logits.to(_compute_dtype(hidden.dtype)), softcap, logit_scale, temperature)
 
 
-def linear_logprob(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False):
-    """log softmax(hidden @ W.T / T + b / T)[target] (and the entropy), materializing the logits."""
-    z = scaled_logits(hidden, weight, bias, temperature)
+def linear_logprob(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100, return_entropy=False,
+                   softcap=None, logit_scale=1.0):
+    """log softmax(head_transform(hidden @ W.T + b))[target] (and the entropy), materializing the logits."""
+    z = scaled_logits(hidden, weight, bias, temperature, softcap, logit_scale)
     logprobs = torch.log_softmax(z, dim=-1)
     valid = targets != ignore_index
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
@@ -109,11 +140,13 @@ def f_generator_parts(log_ratio, kind, alpha=0.5, log_weight=None):
 
 
 def linear_f_divergence(hidden, weight, ref_hidden, ref_weight, kind="fkl", alpha=0.5, bias=None, ref_bias=None,
-                        temperature=1.0, mask=None):
+                        temperature=1.0, mask=None, softcap=None, logit_scale=1.0, ref_softcap=None,
+                        ref_logit_scale=1.0):
     """Exact D_f(pi_theta || pi_ref) = sum_v pi_ref(v) f(pi_theta(v) / pi_ref(v)) per position, materializing both
     [N, V] logits."""
-    log_p = torch.log_softmax(scaled_logits(hidden, weight, bias, temperature), -1)
-    log_q = torch.log_softmax(scaled_logits(ref_hidden, ref_weight, ref_bias, temperature), -1)
+    log_p = torch.log_softmax(scaled_logits(hidden, weight, bias, temperature, softcap, logit_scale), -1)
+    log_q = torch.log_softmax(scaled_logits(ref_hidden, ref_weight, ref_bias, temperature, ref_softcap,
+                                            ref_logit_scale), -1)
     div = f_generator(log_p - log_q, kind, alpha, log_weight=log_q).sum(-1)
     if mask is not None:
         div = torch.where(mask, div, torch.zeros_like(div))

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import reference as ref
 
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: the compiler (unlike the interpreter) refuses plain globals
 KIND_IDS = {k: i for i, k in enumerate(ref.DIVERGENCES)}
 KL_IDS = {k: i for i, k in enumerate(ref.KL_ESTIMATORS)}
 

@@ -13,7 +13,7 @@ import torch
 
 import dph_kernels as dk
 
-from .models import autocast, backbone, output_weight
+from .models import autocast, backbone, head_transform, output_weight
 
 IGNORE = -100
 
@@ -97,7 +97,7 @@ def response_logprobs(model, batch: Batch, model_cfg, *, temperature: float = 1.
     with autocast(model_cfg, device):
         h = response_hidden(model, batch)
     return dk.linear_logprob(h, head_weight_like(model, h), batch.targets, temperature=temperature,
-                             ignore_index=IGNORE, return_entropy=return_entropy, impl=impl)
+                             ignore_index=IGNORE, return_entropy=return_entropy, impl=impl, **head_transform(model))
 
 
 @torch.no_grad()

@@ -29,13 +29,17 @@ import dph_kernels as dk
 
 from .batching import Seq, collate, head_weight_like, pad_float, response_hidden, score_sequences
 from .common import encode_prompt, peak_memory_mb, reset_peak_rss, trim_heap, write_json
-from .models import autocast, save_hf_folder
+from .models import autocast, head_transform, save_hf_folder
 
 DPH_METHODS = ("dph-f", "dph-js", "alpha")
 
 
-def build_loss(method: str, overrides: dict, impl: str = "auto", log_entropy: bool = False):
+def build_loss(method: str, overrides: dict, impl: str = "auto", log_entropy: bool = False, head: dict | None = None):
+    """The preset's loss; head: the model's softcap / logit_scale (models.head_transform), for both heads."""
     kw = dict(overrides or {})
+    for k, v in (head or {}).items():
+        kw.setdefault(k, v)
+        kw.setdefault("ref_" + k, v)
     kw.setdefault("impl", impl)
     kw.setdefault("log_entropy", log_entropy)
     return dk.FusedLinearDPHLoss.preset(method, **kw)
@@ -53,7 +57,8 @@ class Trainer:
         self.device = device
         tc = cfg.train
         # The entropy metric comes from the log pi_old pass, or (old_logp=on_policy) from the update pass itself.
-        self.loss_fn = build_loss(tc.method, tc.loss, tc.logp_impl, log_entropy=tc.old_logp == "on_policy")
+        self.loss_fn = build_loss(tc.method, tc.loss, tc.logp_impl, log_entropy=tc.old_logp == "on_policy",
+                                  head=head_transform(model))
         self.use_pef = tc.method in DPH_METHODS
         by_id = {ex.id: ex for ex in task.examples("train")}
         missing = [r["id"] for r in prompts_rows if r["id"] not in by_id]

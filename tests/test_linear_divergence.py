@@ -32,7 +32,8 @@ def make_heads(lead=(3, 7), D=40, Dr=29, V=301, dtype=torch.float32, seed=0, bia
     return [cast(x) for x in (h, w, b, rh, rw, rb)], mask
 
 
-def check(kind, impl, dtype=torch.float32, ref_grad=False, seed=0, temperature=0.9):
+def check(kind, impl, dtype=torch.float32, ref_grad=False, seed=0, temperature=0.9, heads=(None, 1.0, None, 1.0)):
+    softcap, scale, ref_softcap, ref_scale = heads
     (h, w, b, rh, rw, rb), mask = make_heads(dtype=dtype, seed=seed)
     upstream = [torch.randn(mask.shape, generator=torch.Generator().manual_seed(seed + 1))]
 
@@ -40,12 +41,14 @@ def check(kind, impl, dtype=torch.float32, ref_grad=False, seed=0, temperature=0
         h_, w_, b_, rh_, rw_, rb_, m_ = on(impl, *leaves, mask)
         return dk.linear_f_divergence(h_, w_, rh_, rw_, kind=kind, alpha=0.35, bias=b_, ref_bias=rb_,
                                       temperature=temperature, mask=m_, ref_requires_grad=ref_grad,
-                                      impl=impl).cpu()
+                                      impl=impl, softcap=softcap, logit_scale=scale, ref_softcap=ref_softcap,
+                                      ref_logit_scale=ref_scale).cpu()
 
     def math_(h_, w_, b_, rh_, rw_, rb_):
         if not ref_grad:
             rh_, rw_, rb_ = rh_.detach(), rw_.detach(), rb_.detach()
-        return ref.linear_f_divergence(h_, w_, rh_, rw_, kind, 0.35, b_, rb_, temperature, mask)
+        return ref.linear_f_divergence(h_, w_, rh_, rw_, kind, 0.35, b_, rb_, temperature, mask, softcap, scale,
+                                       ref_softcap, ref_scale)
 
     inputs = [h, w, b, rh, rw, rb]
     k_out, k_g = run_with_grads(kernel, inputs, upstream)
@@ -64,6 +67,23 @@ def check(kind, impl, dtype=torch.float32, ref_grad=False, seed=0, temperature=0
 @pytest.mark.parametrize("kind", KINDS)
 def test_values_and_gradients(kind, impl):
     check(kind, impl, seed=KINDS.index(kind))
+
+
+# (policy softcap, logit_scale, reference softcap, logit_scale): every kind meets a different pair on both paths.
+HEADS = [(30.0, 1.0, None, 1.0), (5.0, 0.5, 5.0, 0.5), (None, 0.5, 30.0, 1.0), (5.0, 1.0, None, 0.5),
+         (30.0, 0.5, 5.0, 1.0), (None, 1.0, 5.0, 0.5), (5.0, 0.5, 30.0, 0.5)]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_softcap_and_logit_scale(kind, impl):
+    i = KINDS.index(kind)
+    check(kind, impl, seed=30 + i, heads=HEADS[i], ref_grad=i % 2 == 0, temperature=0.7)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_softcap_bf16(impl):
+    check("js", impl, dtype=torch.bfloat16, seed=41, heads=(5.0, 0.5, 30.0, 1.0))
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

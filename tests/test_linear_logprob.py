@@ -25,7 +25,8 @@ def make_problem(lead, D, V, dtype, *, bias=False, seed=0, ignore_frac=0.15, dev
             None if b is None else b.to(dtype=dtype, **to), targets.to(**to))
 
 
-def check_against_truth(impl, lead, D, V, dtype, *, bias, temperature, entropy, seed=0, big_logit_at=None):
+def check_against_truth(impl, lead, D, V, dtype, *, bias, temperature, entropy, seed=0, big_logit_at=None,
+                        softcap=None, logit_scale=1.0):
     hidden, weight, b, targets = make_problem(lead, D, V, dtype, bias=bias, seed=seed)
     if big_logit_at is not None:  # one vocabulary entry ~150 nats above the rest in every row
         b[big_logit_at] += 150.0
@@ -34,10 +35,11 @@ def check_against_truth(impl, lead, D, V, dtype, *, bias, temperature, entropy, 
     upstream = [torch.randn(lead, generator=g).to(hidden.device) for _ in range(2 if entropy else 1)]
 
     def kernel(h, w, bb):
-        return dk.linear_logprob(h, w, targets, bias=bb, temperature=temperature, return_entropy=entropy, impl=impl)
+        return dk.linear_logprob(h, w, targets, bias=bb, temperature=temperature, return_entropy=entropy, impl=impl,
+                                 softcap=softcap, logit_scale=logit_scale)
 
     def torch_math(h, w, bb):
-        return ref.linear_logprob(h, w, targets, bb, temperature, -100, entropy)
+        return ref.linear_logprob(h, w, targets, bb, temperature, -100, entropy, softcap, logit_scale)
 
     inputs = [hidden, weight, b]
     k_out, k_grads = run_with_grads(kernel, inputs, upstream)
@@ -59,6 +61,38 @@ def check_against_truth(impl, lead, D, V, dtype, *, bias, temperature, entropy, 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_odd_shape_all_features(impl, dtype):
     check_against_truth(impl, (37,), 67, 1001, dtype, bias=True, temperature=0.7, entropy=True)
+
+
+# softcap x logit_scale x dtype x impl x entropy: a pairwise subset (every pair of values appears in some case).
+HEAD_CASES = [
+    ("torch", torch.float32, 30.0, 1.0, True), ("torch", torch.bfloat16, 5.0, 0.5, False),
+    ("torch", torch.float32, None, 0.5, False), ("torch", torch.bfloat16, 30.0, 0.5, True),
+    ("triton", torch.float32, 5.0, 1.0, True), ("triton", torch.bfloat16, 30.0, 0.5, False),
+    ("triton", torch.float32, None, 0.5, True), ("triton", torch.bfloat16, 5.0, 1.0, True),
+    ("reference", torch.float32, 5.0, 0.5, True),
+]
+
+
+@pytest.mark.parametrize("impl, dtype, softcap, logit_scale, entropy", HEAD_CASES, ids=str)
+def test_softcap_and_logit_scale(impl, dtype, softcap, logit_scale, entropy):
+    """Odd shape, temperature != 1, bias, ignored tokens, logits large enough (std ~3 plus a unit bias, before the
+    scale) that a cap of 5 bends most of them."""
+    check_against_truth(impl, (37,), 67, 1001, dtype, bias=True, temperature=0.7, entropy=entropy, seed=5,
+                        softcap=softcap, logit_scale=logit_scale)
+
+
+def test_softcap_changes_the_answer_and_order_matters():
+    hidden, weight, b, targets = make_problem((9,), 16, 50, torch.float64, bias=True, device="cpu")
+    plain = dk.linear_logprob(hidden, weight, targets, bias=b, impl="torch")
+    capped = dk.linear_logprob(hidden, weight, targets, bias=b, impl="torch", softcap=2.0)
+    assert float((plain - capped).abs().max()) > 0.1
+    # scale before the cap: 2 * tanh(0.5 a / 2) is not 0.5 * 2 tanh(a / 2)
+    z = ref.head_transform(torch.tensor([3.0], dtype=torch.float64), softcap=2.0, logit_scale=0.5)
+    assert float(z) == pytest.approx(2.0 * math.tanh(0.75))
+    with pytest.raises(ValueError, match="softcap"):
+        dk.linear_logprob(hidden, weight, targets, impl="torch", softcap=0.0)
+    with pytest.raises(TypeError, match="logit_scale"):
+        dk.linear_logprob(hidden, weight, targets, impl="torch", logit_scale=None)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

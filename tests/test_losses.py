@@ -140,7 +140,8 @@ def composed_reference(b, cfg, dtype=torch.float64, hidden=None, weight=None, no
     tok = b["loss_mask"]
     tok_exp, tok_pef = tok & ~b["is_pef"][:, None], tok & b["is_pef"][:, None]
     tgt = torch.where(tok, b["targets"], torch.full_like(b["targets"], -100))
-    logp, ent = ref.linear_logprob(h, w, tgt, None, cfg["temperature"], -100, True)
+    logp, ent = ref.linear_logprob(h, w, tgt, None, cfg["temperature"], -100, True, cfg.get("softcap"),
+                                   cfg.get("logit_scale", 1.0))
     ct = logp.dtype
     loss_t, ratio, lo, hi, dual = ref.ppo_clip_token_loss(logp, b["old"].to(ct), b["adv"].to(ct)[:, None],
                                                           cfg["clip_low"], cfg["clip_high"], cfg["dual_clip"])
@@ -188,7 +189,8 @@ def test_fused_matches_composed_reference(impl, agg, kind, i):
     cfg = dict(divergence=kind, eta=0.3, alpha=0.4, clip_low=0.2, clip_high=0.28,
                dual_clip=3.0 if i % 2 == 0 else None, kl_beta=0.05 if i % 3 == 0 else 0.0,
                kl_estimator=dk.KL_ESTIMATORS[i % 4], entropy_coef=0.01 if i % 4 in (1, 2) else 0.0,
-               loss_agg=agg, temperature=0.8 if i % 5 else 1.0, divergence_clamp=(-3.0, 3.0) if i % 7 == 0 else None)
+               loss_agg=agg, temperature=0.8 if i % 5 else 1.0, divergence_clamp=(-3.0, 3.0) if i % 7 == 0 else None,
+               softcap=(None, 30.0, 5.0)[i % 3], logit_scale=(1.0, 0.5)[(i // 3) % 2])
     b = make_batch(seed=i)
     loss_fn = dk.FusedLinearDPHLoss(**cfg, impl=impl, log_entropy=True)
     out, dh, dw = run_fused(b, loss_fn)
@@ -210,7 +212,8 @@ def test_fused_matches_composed_reference(impl, agg, kind, i):
     assert m["entropy_mean"] == pytest.approx(float(aux["ent"][te | tp].mean()), rel=1e-5)
     assert m["loss"] == pytest.approx(float(L64), rel=1e-4, abs=1e-6)
     assert torch.allclose(out.logp, ref.linear_logprob(b["hidden"], b["weight"],
-                          torch.where(b["loss_mask"], b["targets"], -100), temperature=cfg["temperature"]),
+                          torch.where(b["loss_mask"], b["targets"], -100), temperature=cfg["temperature"],
+                                          softcap=cfg["softcap"], logit_scale=cfg["logit_scale"]),
                           atol=1e-5)
 
 

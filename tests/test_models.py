@@ -76,3 +76,60 @@ def test_smollm2_linear_logprob_equals_hf_log_softmax():
 def test_unknown_model_name_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_model(ModelConfig(name=str(tmp_path / "nope")), "cpu", verbose=False)
+
+
+def _tiny_gemma2(softcap=30.0, seed=0):
+    """A random Gemma-2 from a config (tiny dims), with lm_head scaled so its logits reach well past the cap."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=211, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                          final_logit_softcapping=softcap, tie_word_embeddings=False, sliding_window=8)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200.0)
+    return model
+
+
+def test_gemma2_softcap_logprob_equals_hf_log_softmax():
+    from dph_train.models import head_transform, verify_head
+
+    model = _tiny_gemma2()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 211, (2, 13), generator=g)
+    targets = torch.randint(0, 211, (2, 13), generator=g)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        h = backbone(model)(input_ids=ids).last_hidden_state
+    assert float(logits.abs().max()) > 20.0  # the cap bends these logits
+    want = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    head = head_transform(model)
+    assert head == dict(softcap=30.0, logit_scale=1.0)
+    w = output_weight(model)
+    for impl in ("torch", "triton"):
+        got = dk.linear_logprob(h, w, targets, impl=impl, **head)
+        assert float((got - want).abs().max()) < 1e-4, impl
+        plain = dk.linear_logprob(h, w, targets, impl=impl)  # the same check with the cap off fails
+        assert float((plain - want).abs().max()) > 0.1, impl
+    assert verify_head(model) < 1e-4
+    with pytest.raises(NotImplementedError, match="cannot reproduce"):
+        verify_head(model, dict(softcap=None, logit_scale=1.0))
+
+
+def test_loop_passes_the_head_through():
+    from dph_train.batching import collate, response_logprobs
+    from dph_train.trainer import build_loss
+
+    model = _tiny_gemma2()
+    loss_fn = build_loss("dph-js", {}, "torch", head=dict(softcap=30.0, logit_scale=1.0))
+    assert loss_fn.cfg["softcap"] == 30.0 and loss_fn.cfg["ref_softcap"] == 30.0
+    b = collate([[3, 4, 5]], [[6, 7, 8, 9]], 0)
+    lp = response_logprobs(model, b, ModelConfig(), impl="torch")
+    with torch.no_grad():
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
+    P = b.input_ids.shape[1] - b.targets.shape[1]
+    want = torch.log_softmax(logits[:, P - 1:-1], -1).gather(-1, b.targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    assert float((lp - want).abs().max()) < 1e-4
