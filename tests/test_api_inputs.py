@@ -18,7 +18,8 @@ import dph_kernels as dk
 B, T, D, V, DR = 3, 4, 8, 11, 6
 
 # Parameters of the public functions that never take a tensor.
-NOT_TENSORS = {"normalizer", "dual_clip", "norm_length", "clamp", "group_size", "kind", "estimator", "mode"}
+NOT_TENSORS = {"normalizer", "dual_clip", "norm_length", "clamp", "group_size", "kind", "estimator", "mode",
+               "softcap", "ref_softcap"}  # floats or None (the logit softcap), never tensors
 # Arguments whose shape is free (no wrong shape exists) or whose dtype is free (any real dtype is read as float).
 FREE_SHAPE = {("f_divergence", "log_ratio"), ("kl_penalty", "logp"), ("aggregate", "values"),
               ("grpo_advantages", "rewards")}
