@@ -358,7 +358,8 @@ class TRLProvider(Provider):
     def note(self, op, device):
         from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
-        return f"ChunkedLogProbFunction chunk_size={_CHUNKED_LOGPROB_CHUNK_SIZE} (GRPOTrainer's), trl {version_of('trl')}"
+        return (f"ChunkedLogProbFunction chunk_size={_CHUNKED_LOGPROB_CHUNK_SIZE} (GRPOTrainer's), trl {version_of('trl')}; "
+                "applies the case's softcap (scale, cap, temperature: the order dk uses)")
 
     def make(self, op, inp, device):
         from trl.kernels.chunked_logprob import ChunkedLogProbFunction
@@ -368,7 +369,7 @@ class TRLProvider(Provider):
 
         def fwd():
             lp, ent, *_ = ChunkedLogProbFunction.apply(inp.hidden, inp.weight, None, inp.targets, 1.0,
-                                                       _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs)
+                                                       _CHUNKED_LOGPROB_CHUNK_SIZE, inp.softcap, 1.0, outputs)
             return (lp, ent) if op == "logprob-ent" else lp
 
         return fwd
