@@ -90,8 +90,9 @@ def run_job(cfg, kind: str, seed: int, method: str, root: str, quiet: bool = Tru
         s.close()
         return dict(kind=kind, seed=seed, method=name, seconds=round(time.time() - t0, 1), eval=res)
     finally:
-        if out is not None:
-            out.flush()
+        if out is not None:  # a pool worker runs several jobs: give each its own log, close the last one
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+            out.close()
 
 
 def _summary(res: dict) -> dict:
