@@ -37,7 +37,8 @@ COMMAND_HELP = {
     "train": "the RL loop (presets: " + " ".join(METHODS) + ")",
     "eval": "Greedy + Pass@k on the eval splits; JSON + PNG",
     "run": "presample -> eval(base) -> train -> eval(final) -> report",
-    "compare": "SFT -> presample -> every method -> eval, per seed: GRPO's collapse and DPH-RL's cure side by side",
+    "compare": ("SFT -> presample -> every method -> eval, per seed: GRPO's collapse and DPH-RL's cure side by side "
+                "(without --config it reads configs/compare_styles.yaml, whose values replace the defaults listed)"),
 }
 
 
