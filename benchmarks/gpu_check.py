@@ -17,6 +17,8 @@ Sections (each a subprocess with its own time limit, so one failure or hang neve
     fdiv     linear_f_divergence js and fkl, llama3-8b N=8192 bf16, fwd+bwd, vs eager/compile/Liger JSD
     aot      python -m benchmarks.aot: the compile table (registers, spills, smem, MMA) for sm_90 bf16 and fp32
     roofline python -m benchmarks.roofline: the H200 model, next to this run's measured dph-triton times
+    vp       the vocab-parallel kernels (process_group=) on every GPU of the machine over NCCL, TP = the GPU count
+             (1 on one H200: the collectives and the shard path against the float64 truth; 2+ where there are more)
 This script imports nothing but the standard library, so it reports even when torch or the package does not import.
 """
 from __future__ import annotations
@@ -47,6 +49,7 @@ SECTIONS = [
     ("fdiv", 85, _BENCH + ["--ops", "fdiv-js,fdiv-fkl", "--modes", "fwd+bwd",
                            "--providers", "dph-triton,eager,liger,compile,dph-torch",
                            "--case", "llama3-8b:8192"], "gpu_fdiv"),
+    ("vp", 60, ["torch.distributed.run", "--nproc-per-node=gpu", "tests/vp_worker.py", "{out}/vp.json"], None),
     # No GPU needed for these two; last, so a short budget drops them first.
     ("aot", 60, ["benchmarks.aot", "--arch", "sm_90", "--dtype", "bf16,fp32"], None),
     ("roofline", 15, ["benchmarks.roofline", "--results"], None),
@@ -124,8 +127,26 @@ def short_table(out_dir, tags):
     return lines
 
 
+def vp_summary(path):
+    """One line from tests/vp_worker.py's report: world size, cases within the numerics contract, the worst."""
+    try:
+        with open(path) as f:
+            rep = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"no report ({type(e).__name__})"
+    ok, worst = 0, (0.0, "")
+    cases = {k: v for k, v in rep["cases"].items() if "quantities" in v}
+    for name, c in cases.items():
+        ratios = [q["kernel_err"] / q["bound"] for q in c["quantities"].values()]
+        ok += all(r <= 1 for r in ratios) and c["replicated"] and c["padding_grad_zero"]
+        worst = max(worst, (max(ratios), name))
+    return f"TP={rep['world']}: {ok}/{len(cases)} cases within the contract (worst error/bound {worst[0]:.2f}, {worst[1]})"
+
+
 def _smoke(cmd):
     """The same section on the CPU at a tiny shape."""
+    if cmd[0] == "torch.distributed.run":  # vp: two CPU processes over gloo
+        return [c.replace("--nproc-per-node=gpu", "--nproc-per-node=2") for c in cmd]
     if cmd[0] != "benchmarks":
         return cmd
     out, skip = [], False
@@ -157,6 +178,7 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", DPH_GPU_CHECK="1")
     env.pop("TRITON_INTERPRET", None)
+    env["DPH_VP_DEVICE"] = "cpu" if a.cpu_smoke else "cuda"
     summary = []
 
     if a.wheels:
@@ -191,7 +213,7 @@ def main(argv=None):
         limit = min(seconds, left)
         if a.cpu_smoke:
             cmd = _smoke(cmd)
-        full = [sys.executable, "-m", *cmd]
+        full = [sys.executable, "-m", *(c.replace("{out}", out_dir) for c in cmd)]
         if name == "tests" and a.pytest_args:
             full += shlex.split(a.pytest_args)
         if name == "roofline":  # the model next to what this run measured
@@ -208,6 +230,8 @@ def main(argv=None):
             result = next((ln for ln in reversed(last) if " passed" in ln or " failed" in ln or "error" in ln
                            or "no tests ran" in ln), last[-1] if last else "")
             summary.append(f"tests: {state} in {secs:.0f} s: {result.strip()}")
+        elif name == "vp":
+            summary.append(f"vp: {state} in {secs:.0f} s: {vp_summary(os.path.join(out_dir, 'vp.json'))}")
         elif name in ("aot", "roofline"):
             body = tail(log_path, 40 if name == "roofline" else 60)
             summary.append(f"{name}: {state} in {secs:.0f} s (log {log_path})")

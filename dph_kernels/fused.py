@@ -219,12 +219,18 @@ class FusedLinearDPHLoss(torch.nn.Module):
             over the whole vocabulary against a reference head, dk.linear_f_divergence; needs ref_hidden/ref_weight).
         softcap, logit_scale: the policy head's final-logit softcap and logit scale, as in dk.linear_logprob.
         ref_softcap, ref_logit_scale: the same for the reference head of divergence_mode="exact".
+        process_group, vocab_size: a vocab-parallel lm_head (dph_kernels.distributed, as in dk.linear_logprob):
+            weight / bias (and ref_weight / ref_bias) are this rank's shard, everything else the same on every
+            rank; the loss and metrics are the whole-vocabulary ones on every rank, hidden's gradient is complete
+            on every rank. On the torch path this takes linear_logprob's forward + backward (four matmuls) instead
+            of the one-pass chunked loss.
     """
 
     def __init__(self, divergence="js", eta=0.2, alpha=0.5, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
                  kl_beta=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean", temperature=1.0,
                  ignore_index=-100, impl="auto", divergence_clamp=None, norm_length=None, log_entropy=False,
-                 divergence_mode="sampled", softcap=None, logit_scale=1.0, ref_softcap=None, ref_logit_scale=1.0):
+                 divergence_mode="sampled", softcap=None, logit_scale=1.0, ref_softcap=None, ref_logit_scale=1.0,
+                 process_group=None, vocab_size=None):
         super().__init__()
         if divergence is not None:
             _check_kind(divergence, alpha)
@@ -242,6 +248,12 @@ class FusedLinearDPHLoss(torch.nn.Module):
         _checks.check_impl(impl)
         softcap, logit_scale = _checks.check_head(softcap, logit_scale)
         ref_softcap, ref_logit_scale = _checks.check_head(ref_softcap, ref_logit_scale, "ref_")
+        if process_group is None and vocab_size is not None:
+            raise ValueError("vocab_size is only used with process_group (a vocab-parallel head)")
+        if process_group is not None and impl == "reference":
+            raise ValueError("process_group needs impl 'auto', 'torch' or 'triton' (the reference materializes one "
+                             "head)")
+        self.vp = dict(process_group=process_group, vocab_size=vocab_size) if process_group is not None else {}
         self.cfg = dict(divergence=divergence, eta=float(eta), alpha=float(alpha), clip_low=float(clip_low),
                         clip_high=float(clip_high), dual_clip=None if dual_clip is None else float(dual_clip),
                         kl_beta=float(kl_beta), kl_estimator=kl_estimator, entropy_coef=float(entropy_coef),
@@ -338,14 +350,14 @@ class FusedLinearDPHLoss(torch.nn.Module):
         masks = [x.reshape(-1) for x in (tok_exp, pef_tok_flag, w_tok, w_exp)]
 
         impl = _checks.resolve_impl(cfg["impl"], device)
-        if impl == "torch":
+        if impl == "torch" and not self.vp:
             # CPU path: the gradient is computed in the forward pass, chunk by chunk (three matmuls, no recompute).
             loss, logp, entropy, contrib, ratio, flags, kl, div = _chunked_torch_loss(
                 hidden, weight, bias, tgt, cfg, need_entropy, token_inputs, masks)
         else:
             out = linear_logprob(hidden, weight, tgt, bias=bias, temperature=cfg["temperature"],
                                  ignore_index=cfg["ignore_index"], return_entropy=need_entropy, impl=impl,
-                                 softcap=cfg["softcap"], logit_scale=cfg["logit_scale"])
+                                 softcap=cfg["softcap"], logit_scale=cfg["logit_scale"], **self.vp)
             logp, entropy = out if need_entropy else (out, None)
             flat_logp = logp.reshape(-1)
             args = _fill_inputs(flat_logp, token_inputs, masks)
@@ -368,7 +380,8 @@ class FusedLinearDPHLoss(torch.nn.Module):
                                       alpha=cfg["alpha"], bias=bias, ref_bias=ref_bias,
                                       temperature=cfg["temperature"], mask=tok_pef, impl=cfg["impl"],
                                       softcap=cfg["softcap"], logit_scale=cfg["logit_scale"],
-                                      ref_softcap=cfg["ref_softcap"], ref_logit_scale=cfg["ref_logit_scale"])
+                                      ref_softcap=cfg["ref_softcap"], ref_logit_scale=cfg["ref_logit_scale"],
+                                      **self.vp)
             if cfg["divergence_clamp"] is not None:
                 div = torch.clamp(div, *cfg["divergence_clamp"])
             loss = loss + _weighted_sum(w_pef, div)

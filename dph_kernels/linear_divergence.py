@@ -86,26 +86,41 @@ def _fkl_forward(h, weight, bias, rh, rweight, rbias, heads, cdt, out):
         C[rb] = 0.0
 
 
-def torch_forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha):
+def _chunk_logits(h, weight, bias, rh, rweight, rbias, heads, cdt, rows):
+    """Both heads' logits of a row chunk, whole rows (this weight's vocabulary)."""
+    everything = slice(0, weight.shape[0])
+    return (_tile_logits(h[rows], weight, bias, everything, heads[0], cdt, post=heads[1]),
+            _tile_logits(rh[rows], rweight, rbias, everything, heads[2], cdt, post=heads[3]))
+
+
+def torch_forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha, shard=None):
     """Returns D (N,) and, for backward, (lse_p, lse_q, D, C) with C = sum_v phi_v. heads = (pre, post, pre_r,
-    post_r): both heads' reference.head_factors."""
+    post_r): both heads' reference.head_factors. With a VocabShard the log-sum-exps are merged over the group first
+    (one pass more over this shard's logits), then D and C are this shard's partial sums, summed over the group."""
     N, V = h.shape[0], weight.shape[0]
     cdt = compute_dtype(h.dtype)
     lse_p, lse_q, div, C = (torch.empty(N, dtype=cdt, device=h.device) for _ in range(4))
-    if kind == "fkl":
+    if kind == "fkl" and shard is None:
         with torch.no_grad():
             _fkl_forward(h, weight, bias, rh, rweight, rbias, heads, cdt, (lse_p, lse_q, div, C))
         div = torch.where(valid, div, torch.zeros((), dtype=cdt, device=h.device))
         return div, (lse_p, lse_q, div, C)
     step = _chunk_rows(V)
-    everything = slice(0, V)
+    row_chunks = [slice(r0, min(N, r0 + step)) for r0 in range(0, N, step)]
     with torch.no_grad():
-        for r0 in range(0, N, step):
-            sl = slice(r0, min(N, r0 + step))
-            z = _tile_logits(h[sl], weight, bias, everything, heads[0], cdt, post=heads[1])
-            zr = _tile_logits(rh[sl], rweight, rbias, everything, heads[2], cdt, post=heads[3])
+        if shard is not None:
+            from .distributed import all_reduce_sum, merge_lse
+            for sl in row_chunks:
+                z, zr = _chunk_logits(h, weight, bias, rh, rweight, rbias, heads, cdt, sl)
+                blocks = _column_blocks(z.shape[0], V)
+                lse_p[sl], lse_q[sl] = _row_logsumexp(z, blocks), _row_logsumexp(zr, blocks)
+                del z, zr
+            lse_p, lse_q = merge_lse(shard, lse_p, lse_q)
+        for sl in row_chunks:
+            z, zr = _chunk_logits(h, weight, bias, rh, rweight, rbias, heads, cdt, sl)
             blocks = _column_blocks(z.shape[0], V)
-            lse_p[sl], lse_q[sl] = _row_logsumexp(z, blocks), _row_logsumexp(zr, blocks)
+            if shard is None:
+                lse_p[sl], lse_q[sl] = _row_logsumexp(z, blocks), _row_logsumexp(zr, blocks)
             div[sl], C[sl] = 0.0, 0.0
             for b in blocks:
                 log_q = zr[:, b] - lse_q[sl, None]
@@ -114,12 +129,14 @@ def torch_forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha
                 C[sl] += slope.sum(-1)
                 del log_q, val, slope
             del z, zr  # freed before the next chunk's buffers are allocated
+        if shard is not None:
+            div, C = all_reduce_sum(shard, div, C)
     zero = torch.zeros((), dtype=cdt, device=h.device)
     div = torch.where(valid, div, zero)
     return div, (lse_p, lse_q, div, C)
 
 
-def torch_backward(h, weight, bias, rh, rweight, rbias, valid, stats, g, heads, kind, alpha, need_ref):
+def torch_backward(h, weight, bias, rh, rweight, rbias, valid, stats, g, heads, kind, alpha, need_ref, dh_fp32=False):
     """dD/dz_v = phi_v - p_v C and dD/dz_r,v = q_v f(u_v) - phi_v - q_v (D - C), times g, tile by tile; then times
     d z / d a of each head: a constant (folded into h) without a softcap, a tile (reference.head_slope) with one."""
     pre, post, pre_r, post_r = heads
@@ -169,44 +186,82 @@ def torch_backward(h, weight, bias, rh, rweight, rbias, valid, stats, g, heads, 
                     drb[vc] += dzr.sum(0) * lin_r
                 del dzr
             del log_p, log_q, val, slope, dz, J, J_r  # freed before the next tile's buffers are allocated
-    out = [(dh * lin).to(h.dtype), dW.to(weight.dtype), None if db is None else db.to(bias.dtype)]
+    h_dtype = cdt if dh_fp32 else h.dtype
+    out = [(dh * lin).to(h_dtype), dW.to(weight.dtype), None if db is None else db.to(bias.dtype)]
     if need_ref:
-        out += [(drh * lin_r).to(rh.dtype), drW.to(rweight.dtype), None if drb is None else drb.to(rbias.dtype)]
+        out += [(drh * lin_r).to(h_dtype), drW.to(rweight.dtype), None if drb is None else drb.to(rbias.dtype)]
     else:
         out += [None, None, None]
     return out
 
 
 class LinearFDivergenceFunction(torch.autograd.Function):
+    """Flat inputs (linear_f_divergence). With a VocabShard both heads' weights and biases are this rank's shard;
+    the divergence is the whole-vocabulary one and dh (and drh) are summed over the group."""
+
     @staticmethod
-    def forward(ctx, h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha, impl):
-        if impl == "triton":
+    def forward(ctx, h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha, impl, shard=None):
+        w, b, rw, rb = _real_rows(shard, weight, bias, rweight, rbias)
+        if w.shape[0] == 0:  # a shard wholly past the vocabulary: only the group's statistics to join
+            div, stats = _empty_shard_forward(shard, h, valid)
+        elif impl == "triton":
             from . import linear_divergence_triton as tk
-            div, stats = tk.forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha)
+            div, stats = tk.forward(h, w, b, rh, rw, rb, valid, heads, kind, alpha, shard)
         else:
-            div, stats = torch_forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha)
+            div, stats = torch_forward(h, w, b, rh, rw, rb, valid, heads, kind, alpha, shard)
         ctx.save_for_backward(h, weight, bias, rh, rweight, rbias, valid, div, *(stats or ()))
-        ctx.args = (heads, kind, alpha, impl)
+        ctx.args = (heads, kind, alpha, impl, shard)
         return div
 
     @staticmethod
     def backward(ctx, g):
         h, weight, bias, rh, rweight, rbias, valid, div, *stats = ctx.saved_tensors
-        heads, kind, alpha, impl = ctx.args
+        heads, kind, alpha, impl, shard = ctx.args
         need_ref = any(ctx.needs_input_grad[3:6])
-        if impl == "triton":
+        w, b, rw, rb = _real_rows(shard, weight, bias, rweight, rbias)
+        vp = shard is not None
+        if w.shape[0] == 0:
+            grads = [torch.zeros(h.shape, dtype=torch.float32, device=h.device), None, None]
+            grads += [torch.zeros(rh.shape, dtype=torch.float32, device=h.device), None, None] if need_ref else \
+                [None] * 3
+        elif impl == "triton":
             from . import linear_divergence_triton as tk
-            grads = tk.backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, heads, kind, alpha,
-                                need_ref)
+            grads = tk.backward(h, w, b, rh, rw, rb, valid, div, stats, g, heads, kind, alpha, need_ref, vp)
         else:
-            grads = torch_backward(h, weight, bias, rh, rweight, rbias, valid, stats, g, heads, kind, alpha,
-                                   need_ref)
-        return (*grads, None, None, None, None, None)
+            grads = torch_backward(h, w, b, rh, rw, rb, valid, stats, g, heads, kind, alpha, need_ref, vp)
+        if vp:
+            from .distributed import all_reduce_sum, pad_rows
+            grads = list(grads)
+            for i, x, full in ((0, h, None), (1, weight, weight), (2, bias, bias), (3, rh, None),
+                               (4, rweight, rweight), (5, rbias, rbias)):
+                if i >= 3 and not need_ref or x is None:
+                    continue
+                grads[i] = all_reduce_sum(shard, grads[i])[0].to(x.dtype) if full is None else pad_rows(grads[i],
+                                                                                                      full)
+        return (*grads, None, None, None, None, None, None)
+
+
+def _real_rows(shard, *tensors):
+    """Each (V_shard, ...) tensor (or None) cut to the shard's vocabulary rows (its padding left out)."""
+    if shard is None:
+        return tensors
+    return [None if x is None else x[:shard.real] for x in tensors]
+
+
+def _empty_shard_forward(shard, h, valid):
+    """The collectives of a forward pass on a shard with no vocabulary rows: log-sum-exps of -inf, zero sums."""
+    from .distributed import all_reduce_sum, merge_lse
+    cdt = compute_dtype(h.dtype)
+    none = torch.full((h.shape[0],), float("-inf"), dtype=cdt, device=h.device)
+    lse_p, lse_q = merge_lse(shard, none, none)
+    div, C = all_reduce_sum(shard, torch.zeros_like(lse_p), torch.zeros_like(lse_p))
+    div = torch.where(valid, div, torch.zeros_like(div))
+    return div, (lse_p, lse_q, div, C)
 
 
 def linear_f_divergence(hidden, weight, ref_hidden, ref_weight, *, kind="fkl", alpha=0.5, bias=None, ref_bias=None,
                         temperature=1.0, mask=None, ref_requires_grad=False, impl="auto", softcap=None,
-                        logit_scale=1.0, ref_softcap=None, ref_logit_scale=1.0):
+                        logit_scale=1.0, ref_softcap=None, ref_logit_scale=1.0, process_group=None, vocab_size=None):
     """Per-position exact D_f(pi_theta || pi_ref) between softmax(hidden W^T + b)/T and softmax(ref_hidden W_ref^T
     + b_ref)/T, summed over the whole vocabulary, without [tokens x vocab] buffers.
 
@@ -220,6 +275,9 @@ def linear_f_divergence(hidden, weight, ref_hidden, ref_weight, *, kind="fkl", a
         impl: "auto" | "triton" | "torch" | "reference".
         softcap, logit_scale / ref_softcap, ref_logit_scale: each head's final-logit softcap (None = off) and logit
             scale, applied as in dk.linear_logprob (scale, then cap, then the shared temperature).
+        process_group, vocab_size: vocab-parallel heads (dph_kernels.distributed, as in dk.linear_logprob): weight,
+            bias, ref_weight and ref_bias are this rank's shards of both heads (the same rows); the divergence is
+            the whole-vocabulary one on every rank, hidden's (and ref_hidden's) gradient complete on every rank.
     Returns: fp32 (...).
     """
     _check_kind(kind, alpha)
@@ -234,6 +292,10 @@ def linear_f_divergence(hidden, weight, ref_hidden, ref_weight, *, kind="fkl", a
     softcap, logit_scale = _checks.check_head(softcap, logit_scale)
     ref_softcap, ref_logit_scale = _checks.check_head(ref_softcap, ref_logit_scale, "ref_")
     impl = _checks.resolve_impl(impl, hidden.device)
+    if process_group is not None and impl == "reference":
+        raise ValueError("process_group needs impl 'auto', 'torch' or 'triton' (the reference materializes one head)")
+    from .distributed import vocab_shard
+    shard = vocab_shard(process_group, weight, vocab_size)
     if not ref_requires_grad:
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
         ref_bias = None if ref_bias is None else ref_bias.detach()
@@ -247,7 +309,7 @@ def linear_f_divergence(hidden, weight, ref_hidden, ref_weight, *, kind="fkl", a
                                           mask.reshape(N).bool(),
                                           (*ref.head_factors(softcap, logit_scale, temperature),
                                            *ref.head_factors(ref_softcap, ref_logit_scale, temperature)),
-                                          kind, alpha, impl)
+                                          kind, alpha, impl, shard)
     if hidden.dtype != torch.float64:
         div = div.float()
     return div.reshape(lead)

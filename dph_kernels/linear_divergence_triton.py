@@ -137,7 +137,9 @@ def _head_args(heads):
             dict(SOFTCAP=post is not None, SOFTCAP_R=post_r is not None))
 
 
-def forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha):
+def forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha, shard=None):
+    """D per row and (lse, lse_r, C) for backward; with a VocabShard (distributed.py) the log-sum-exps are merged
+    over the group between the two passes and D, C summed over it after the second."""
     N, D = h.shape
     Dr, V = rh.shape[1], weight.shape[0]
     cfg, cfg_div = _config("div_lse", h.dtype), _config("div", h.dtype)
@@ -155,16 +157,23 @@ def forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha):
     _lse2_kernel[grid](h, weight, b_arg, rh, rweight, rb_arg, m, s, mr, sr, N, V, D, Dr, v_per_split, *head,
                        **common, **cfg)
     lse, lse_r = merge_logsumexp(m, s), merge_logsumexp(mr, sr)
+    if shard is not None:
+        from .distributed import merge_lse
+        lse, lse_r = (x.contiguous() for x in merge_lse(shard, lse, lse_r))
     d_part, c_part = torch.empty(splits, N, **f32), torch.empty(splits, N, **f32)
     # Same vocab ranges (v_per_split) as pass 1; its own tiles, so its own row-block count.
     _div_kernel[(triton.cdiv(N, cfg_div["BLOCK_N"]), splits)](
         h, weight, b_arg, rh, rweight, rb_arg, lse, lse_r, d_part, c_part, N, V, D, Dr, v_per_split, *head, alpha,
         KIND=KIND_IDS[kind], **common, **cfg_div)
-    div = torch.where(valid, d_part.sum(0), torch.zeros_like(lse))
-    return div, (lse, lse_r, c_part.sum(0))
+    d, c = d_part.sum(0), c_part.sum(0)
+    if shard is not None:
+        from .distributed import all_reduce_sum
+        d, c = all_reduce_sum(shard, d, c)
+    div = torch.where(valid, d, torch.zeros_like(lse))
+    return div, (lse, lse_r, c)
 
 
-def backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, heads, kind, alpha, need_ref):
+def backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, heads, kind, alpha, need_ref, dh_fp32=False):
     lse, lse_r, c = stats
     N, D = h.shape
     Dr, V = rh.shape[1], weight.shape[0]
@@ -185,9 +194,10 @@ def backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, heads, k
         *_head_args(heads)[0], alpha, KIND=KIND_IDS[kind], HAS_BIAS=bias is not None, HAS_RBIAS=rbias is not None,
         NEED_REF=need_ref, GROUP=8, UPCAST=interpreter_on(), DOT_PRECISION=dot_precision(h), **_head_args(heads)[1],
         **cfg)
-    out = [dh.to(h.dtype), dW.to(weight.dtype), db.to(bias.dtype) if bias is not None else None]
+    h_dtype = torch.float32 if dh_fp32 else h.dtype
+    out = [dh.to(h_dtype), dW.to(weight.dtype), db.to(bias.dtype) if bias is not None else None]
     if need_ref:
-        out += [drh.to(rh.dtype), drW.to(rweight.dtype), drb.to(rbias.dtype) if rbias is not None else None]
+        out += [drh.to(h_dtype), drW.to(rweight.dtype), drb.to(rbias.dtype) if rbias is not None else None]
     else:
         out += [None, None, None]
     return out

@@ -133,7 +133,7 @@ def tiles(N, V, itemsize, tile_bytes=None):
 def _tile_logits(h, weight, bias, vc, inv_temp, cdt, neg_shift=None, post=None):
     """z - shift for one tile, in cdt (fp32 / fp64), z = (h @ W[vc].T + b[vc]) * inv_temp, or with a softcap
     post * tanh(inv_temp * (h @ W[vc].T + b[vc])) (reference.head_factors: inv_temp is its `pre`); neg_shift is
-    (rows, 1) or None. Uncapped fp32 / fp64 inputs take one addmm, which writes the shifted tile in one pass."""
+    (rows, 1) or None."""
     if post is not None:
         z = h @ weight[vc].T
         if bias is not None:
@@ -148,13 +148,16 @@ def _tile_logits(h, weight, bias, vc, inv_temp, cdt, neg_shift=None, post=None):
         if inv_temp != 1.0:
             z.mul_(inv_temp)
         return z if neg_shift is None else z.add_(neg_shift)
-    base = None if bias is None else bias[vc] * inv_temp
-    if neg_shift is not None:
-        base = neg_shift if base is None else base + neg_shift
-    if base is None:
+    if bias is None:
         z = h @ weight[vc].T
-        return z.mul_(inv_temp) if inv_temp != 1.0 else z
-    return torch.addmm(base, h, weight[vc].T, alpha=inv_temp)
+        if inv_temp != 1.0:
+            z.mul_(inv_temp)
+    else:
+        z = torch.addmm(bias[vc] * inv_temp, h, weight[vc].T, alpha=inv_temp)
+    # The shift goes on after z is rounded, in every pass: the forward's first chunk takes its shift from z itself,
+    # and an addmm fused with the shift would round z - shift instead, so backward's exp(z - shift) of the largest
+    # logit would drift from the forward's exact 1 by up to half an ulp of z (1e-5 relative at |z| ~ 200).
+    return z if neg_shift is None else z.add_(neg_shift)
 
 
 def _block_sums(hb, tb, weight, bias, vocab_chunks, inv_temp, cdt, with_entropy, shift=None, post=None):
@@ -187,17 +190,18 @@ def _block_sums(hb, tb, weight, bias, vocab_chunks, inv_temp, cdt, with_entropy,
     return shift, total, moment, y_target
 
 
-def torch_forward(h, weight, bias, targets, valid, inv_temp, with_entropy, post=None):
-    """h (N, D), targets (N,) already made safe (ignored -> 0). Returns logp, entropy (or None) and what backward
-    needs: the per-row shift and sum_v exp(z - shift), kept apart rather than merged into one rounded lse so that
-    backward's P = exp(z - shift) / sum stays exact to the last bit even for large logits.
+def torch_forward_sums(h, weight, bias, targets, inv_temp, with_entropy, post=None):
+    """h (N, D), targets (N,) safe (a target >= V, another shard's token, adds no target term). Per row: shift,
+    total = sum_v exp(z_v - shift), moment = sum_v exp(z_v - shift) (z_v - shift) (or None) and z_y - shift (0 when
+    y >= V). The shift and the sum are kept apart rather than merged into one rounded lse so that backward's
+    P = exp(z - shift) / total stays exact to the last bit even for large logits.
 
     Per row block one pass over the vocabulary chunks (_block_sums); rows whose sum overflowed are redone with their
     true max as the shift (an extra pass over their logits)."""
     N, V = h.shape[0], weight.shape[0]
     cdt = compute_dtype(h.dtype)
-    logp, shift, total = (torch.empty(N, dtype=cdt, device=h.device) for _ in range(3))
-    entropy = torch.empty(N, dtype=cdt, device=h.device) if with_entropy else None
+    shift, total, y_target = (torch.empty(N, dtype=cdt, device=h.device) for _ in range(3))
+    moment = torch.empty(N, dtype=cdt, device=h.device) if with_entropy else None
     row_blocks, vocab_chunks = tiles(N, V, torch.finfo(cdt).bits // 8)
     for rb in row_blocks:
         hb, tb = h[rb], targets[rb]
@@ -211,20 +215,29 @@ def torch_forward(h, weight, bias, targets, valid, inv_temp, with_entropy, post=
             for mine, fixed in zip(sums, redone):
                 if mine is not None:
                     mine[over] = fixed
-        shift_b, total_b, moment, y_target = sums
-        shift[rb], total[rb] = shift_b, total_b
-        log_total = total_b.log()
-        logp[rb] = y_target - log_total
-        if with_entropy:  # H = lse - sum p z = log(total) - sum p (z - shift)
-            entropy[rb] = log_total - moment / total_b
-    zero = torch.zeros((), dtype=cdt, device=h.device)
-    logp = torch.where(valid, logp, zero)
-    if with_entropy:
-        entropy = torch.where(valid, entropy, zero)
-    return logp, entropy, (shift, total)
+        shift[rb], total[rb], y_target[rb] = sums[0], sums[1], sums[3]
+        if with_entropy:
+            moment[rb] = sums[2]
+    return shift, total, moment, y_target
 
 
-def torch_backward(h, weight, bias, targets, valid, shift, total, entropy, g_logp, g_ent, inv_temp, post=None):
+def finish_forward(total, moment, y_target, valid):
+    """logp = z_y - lse and H = lse - sum p z from the sums (all relative to one shift per row); 0 where ignored."""
+    zero = torch.zeros((), dtype=total.dtype, device=total.device)
+    log_total = total.log()
+    logp = torch.where(valid, y_target - log_total, zero)
+    entropy = None if moment is None else torch.where(valid, log_total - moment / total, zero)
+    return logp, entropy
+
+
+def torch_forward(h, weight, bias, targets, valid, inv_temp, with_entropy, post=None):
+    """Returns logp, entropy (or None) and what backward needs: the per-row (shift, total)."""
+    shift, total, moment, y_target = torch_forward_sums(h, weight, bias, targets, inv_temp, with_entropy, post)
+    return (*finish_forward(total, moment, y_target, valid), (shift, total))
+
+
+def torch_backward(h, weight, bias, targets, valid, shift, total, entropy, g_logp, g_ent, inv_temp, post=None,
+                   dh_fp32=False):
     """Gradients of sum(g_logp * logp + g_ent * H) with respect to h, weight, bias (fp32 accumulation); recomputes
     each tile's logits, shifted as in the forward pass: e = exp(z - shift), P = e / total.
 
@@ -245,10 +258,11 @@ def torch_backward(h, weight, bias, targets, valid, shift, total, entropy, g_log
         h_safe = torch.where(valid[:, None], h, 0.0)
         shift = torch.where(valid, shift, 1e30)
         total = torch.where(valid, total, 1.0)
+    dh_dtype = torch.promote_types(h.dtype, torch.float32) if dh_fp32 else h.dtype
     if post is not None:
         return _capped_backward(h, h_safe, weight, bias, targets, valid, shift, total, entropy, g_l, g_ent,
-                                inv_temp, post)
-    dh = torch.empty_like(h)
+                                inv_temp, post, dh_dtype)
+    dh = torch.empty(h.shape, dtype=dh_dtype, device=h.device)
     dW, db = grad_buffers(weight, bias, cdt)
     wide = weight.dtype != cdt  # bf16 / fp16: the tile's products with W are done in fp32
     row_blocks, vocab_chunks = tiles(N, V, torch.finfo(cdt).bits // 8)
@@ -277,15 +291,19 @@ def torch_backward(h, weight, bias, targets, valid, shift, total, entropy, g_log
         tb = targets[rb]
         if g_ent is None:
             QW.mul_(row_scale[:, None])
+        mine = tb < V  # a target on another vocabulary shard has no target term here
+        if not bool(mine.all()):
+            gl_b, tb = torch.where(mine, gl_b, zero), torch.where(mine, tb, 0)
         dh_b = (weight[tb].to(cdt) * gl_b[:, None]).sub_(QW).mul_(inv_temp)
-        dh[rb] = dh_b.to(h.dtype)
+        dh[rb] = dh_b.to(dh_dtype)
         dW.index_add_(0, tb, hb.to(cdt) * (gl_b * inv_temp)[:, None])
         if db is not None:
             db.index_add_(0, tb, gl_b * inv_temp)
     return dh, dW.to(weight.dtype), None if db is None else db.to(bias.dtype)
 
 
-def _capped_backward(h, h_safe, weight, bias, targets, valid, shift, total, entropy, g_l, g_ent, pre, post):
+def _capped_backward(h, h_safe, weight, bias, targets, valid, shift, total, entropy, g_l, g_ent, pre, post,
+                     dh_dtype):
     """torch_backward for a softcapped head: per tile G = (Q - g_l onehot) * dz/da = -dlogit, then dh = -G @ W,
     dW = -G.T @ h, db = -sum G (the target term cannot be folded out of the tile: it is scaled by the slope there)."""
     from .reference import head_slope
@@ -293,7 +311,7 @@ def _capped_backward(h, h_safe, weight, bias, targets, valid, shift, total, entr
     V = weight.shape[0]
     cdt = shift.dtype
     zero = torch.zeros((), dtype=cdt, device=h.device)
-    dh = torch.empty_like(h)
+    dh = torch.empty(h.shape, dtype=dh_dtype, device=h.device)
     dW, db = grad_buffers(weight, bias, cdt)
     wide = weight.dtype != cdt
     row_blocks, vocab_chunks = tiles(N, V, torch.finfo(cdt).bits // 8)
@@ -321,7 +339,7 @@ def _capped_backward(h, h_safe, weight, bias, targets, valid, shift, total, entr
             if db is not None:
                 db[vc] -= G.sum(0)
             del G, y, slope  # freed before the next tile is allocated
-        dh[rb] = GW.neg_().to(h.dtype)
+        dh[rb] = GW.neg_().to(dh_dtype)
     return dh, dW.to(weight.dtype), None if db is None else db.to(bias.dtype)
 
 
@@ -331,34 +349,67 @@ def _capped_backward(h, h_safe, weight, bias, targets, valid, shift, total, entr
 
 
 class LinearLogprobFunction(torch.autograd.Function):
-    """Inputs are flat: h (N, D), weight (V, D), bias (V,) or None, targets (N,) safe, valid (N,) bool."""
+    """Inputs are flat: h (N, D), weight (V, D), bias (V,) or None, targets (N,) safe, valid (N,) bool. With a
+    VocabShard (distributed.py) weight and bias are this rank's shard, targets global; the outputs are the
+    whole-vocabulary ones and dh is summed over the group."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, valid, inv_temp, with_entropy, impl, post=None):
-        if impl == "triton":
+    def forward(ctx, h, weight, bias, targets, valid, inv_temp, with_entropy, impl, post=None, shard=None):
+        w, b, mine = weight, bias, None
+        if shard is not None:
+            from .distributed import local_targets
+            targets, mine = local_targets(shard, targets, valid)
+            w, b = weight[:shard.real], None if bias is None else bias[:shard.real]  # padding rows left out
+        if w.shape[0] == 0:  # a shard wholly past the vocabulary: no logits, nothing to add
+            cdt = compute_dtype(h.dtype)
+            nothing = torch.zeros(h.shape[0], dtype=cdt, device=h.device)
+            sums = (torch.full_like(nothing, float("-inf")), nothing, nothing if with_entropy else None, nothing)
+        elif impl == "triton":
             from . import linear_logprob_triton as tk
-            logp, lse, S = tk.forward(h, weight, bias, targets, valid, inv_temp, with_entropy, post)
-            entropy = torch.where(valid, lse - S, torch.zeros_like(lse)) if with_entropy else None
+            lse, S, zt = tk.forward_stats(h, w, b, targets, valid, inv_temp, with_entropy, post)
+            sums = (lse, torch.ones_like(lse), None if S is None else S - lse, zt - lse)
+        else:
+            sums = torch_forward_sums(h, w, b, targets, inv_temp, with_entropy, post)
+        if shard is not None:
+            from .distributed import merge_softmax
+            sums = merge_softmax(shard, *sums, mine=mine)
+        shift, total, moment, y_target = sums
+        logp, entropy = finish_forward(total, moment, y_target, valid)
+        if impl != "triton":
+            stats = (shift, total)
+        elif shard is None:
             stats = (lse, S)
         else:
-            logp, entropy, stats = torch_forward(h, weight, bias, targets, valid, inv_temp, with_entropy, post)
+            stats = (shift + total.log(), None if moment is None else shift + moment / total)
         ctx.save_for_backward(h, weight, bias, targets, valid, entropy, *stats)
-        ctx.inv_temp, ctx.impl, ctx.post = inv_temp, impl, post
+        ctx.inv_temp, ctx.impl, ctx.post, ctx.shard = inv_temp, impl, post, shard
         return logp, entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         h, weight, bias, targets, valid, entropy, *stats = ctx.saved_tensors
+        shard = ctx.shard
         if g_logp is None:
             g_logp = torch.zeros(h.shape[0], dtype=stats[0].dtype, device=h.device)
-        if ctx.impl == "triton":
+        w, b = weight, bias
+        if shard is not None:
+            w, b = weight[:shard.real], None if bias is None else bias[:shard.real]
+        if w.shape[0] == 0:
+            dh, dW, db = torch.zeros(h.shape, dtype=torch.float32, device=h.device), None, None
+        elif ctx.impl == "triton":
             from . import linear_logprob_triton as tk
-            dh, dW, db = tk.backward(h, weight, bias, targets, valid, *stats, g_logp, g_ent, ctx.inv_temp,
-                                     need_weight_grad=ctx.needs_input_grad[1], post=ctx.post)
+            dh, dW, db = tk.backward(h, w, b, targets, valid, *stats, g_logp, g_ent, ctx.inv_temp,
+                                     need_weight_grad=ctx.needs_input_grad[1], post=ctx.post,
+                                     dh_fp32=shard is not None)
         else:
-            dh, dW, db = torch_backward(h, weight, bias, targets, valid, *stats, entropy, g_logp, g_ent,
-                                        ctx.inv_temp, ctx.post)
-        return dh, dW, db, None, None, None, None, None, None
+            dh, dW, db = torch_backward(h, w, b, targets, valid, *stats, entropy, g_logp, g_ent,
+                                        ctx.inv_temp, ctx.post, dh_fp32=shard is not None)
+        if shard is not None:
+            from .distributed import all_reduce_sum, pad_rows
+            dh = all_reduce_sum(shard, dh)[0].to(h.dtype)
+            dW = pad_rows(dW, weight) if ctx.needs_input_grad[1] else None
+            db = None if bias is None else pad_rows(db, bias)
+        return dh, dW, db, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -367,10 +418,12 @@ class LinearLogprobFunction(torch.autograd.Function):
 
 
 def prepare_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, impl="torch", softcap=None,
-                          logit_scale=1.0):
+                          logit_scale=1.0, vocab_size=None):
     """Checks, then flat contiguous h (N, D), weight, safe targets (ignored -> 0), valid mask and the head's
-    (pre, post) factors (reference.head_factors: pre = logit_scale / temperature and post None without a softcap)."""
+    (pre, post) factors (reference.head_factors: pre = logit_scale / temperature and post None without a softcap).
+    vocab_size: the range of the targets when weight is one vocabulary shard (default: weight's rows)."""
     N, D, V = _checks.check_linear_inputs(hidden, weight, targets, bias, allow_fp64=impl == "torch")
+    V = V if vocab_size is None else vocab_size
     temperature = _checks.check_temperature(temperature)
     softcap, logit_scale = _checks.check_head(softcap, logit_scale)
     if impl == "triton" and hidden.dtype not in _checks.FLOAT_DTYPES:
@@ -387,7 +440,8 @@ def prepare_linear_inputs(hidden, weight, targets, bias, temperature, ignore_ind
 
 
 def linear_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                   return_entropy=False, impl="auto", softcap=None, logit_scale=1.0):
+                   return_entropy=False, impl="auto", softcap=None, logit_scale=1.0, process_group=None,
+                   vocab_size=None):
     """Per-token log pi(target) (and entropy) of softmax(z), z = softcap(logit_scale * (hidden @ weight.T + bias))
     / temperature, softcap(x) = cap * tanh(x / cap).
 
@@ -405,6 +459,12 @@ def linear_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         softcap: None (off) or the cap c > 0 of Gemma-style final-logit softcapping (config.final_logit_softcapping,
             30.0 for Gemma 2). logit_scale: > 0, multiplies the logits first (Cohere's config.logit_scale).
             Order as in the models and trainers (reference.head_transform): scale, then cap, then temperature.
+        process_group: a torch.distributed group over which the head is vocab-parallel (dph_kernels.distributed):
+            weight (and bias) are this rank's contiguous shard of V_shard rows (rank r: global rows
+            [r * V_shard, (r + 1) * V_shard)), hidden and targets (global ids) the same on every rank. The outputs
+            are the whole-vocabulary ones on every rank; hidden's gradient is summed over the group inside backward
+            (complete on every rank), weight's and bias's are this shard's. O(N) floats cross ranks, never logits.
+        vocab_size: with process_group, the global V when the last shard is padded (default world * V_shard).
 
     Returns:
         fp32 tensor(s) of targets' shape: logp, or (logp, entropy). Differentiable w.r.t. hidden, weight and bias
@@ -413,6 +473,8 @@ def linear_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         the math says).
     """
     impl = _checks.resolve_impl(impl, _checks.check_tensor("hidden", hidden).device)
+    if process_group is not None and impl == "reference":
+        raise ValueError("process_group needs impl 'auto', 'torch' or 'triton' (the reference materializes one head)")
     if impl == "reference":
         _checks.check_linear_inputs(hidden, weight, targets, bias, allow_fp64=True)
         _checks.check_targets_range(targets, weight.shape[0], ignore_index)
@@ -420,10 +482,13 @@ def linear_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         out = _reference_linear_logprob(hidden, weight, targets, bias, _checks.check_temperature(temperature),
                                         ignore_index, return_entropy, softcap, logit_scale)
         return tuple(o.float() for o in out) if return_entropy else out.float()
+    from .distributed import vocab_shard
+    shard = vocab_shard(process_group, weight, vocab_size)
     h, w, safe_t, valid, pre, post = prepare_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index,
-                                                           impl, softcap, logit_scale)
+                                                           impl, softcap, logit_scale,
+                                                           None if shard is None else shard.vocab_size)
     lead = targets.shape
-    logp, entropy = LinearLogprobFunction.apply(h, w, bias, safe_t, valid, pre, return_entropy, impl, post)
+    logp, entropy = LinearLogprobFunction.apply(h, w, bias, safe_t, valid, pre, return_entropy, impl, post, shard)
     if hidden.dtype != torch.float64:
         logp = logp.float()
     logp = logp.reshape(lead)

@@ -234,7 +234,9 @@ def _vocab_splits(N, V, block_n, block_v, device):
     return min(want, triton.cdiv(V, block_v))
 
 
-def forward(h, weight, bias, targets, valid, inv_temp, with_entropy, post=None):
+def forward_stats(h, weight, bias, targets, valid, inv_temp, with_entropy, post=None):
+    """Per row: lse, S = sum_v p_v z_v (or None) and the target logit z_y (0 when y is no column of weight: an
+    ignored position, or a token on another vocabulary shard)."""
     N, D = h.shape
     V = weight.shape[0]
     cfg = _config("logprob_fwd", h.dtype)
@@ -252,12 +254,11 @@ def forward(h, weight, bias, targets, valid, inv_temp, with_entropy, post=None):
         1.0 if post is None else post, HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, UPCAST=interpreter_on(),
         DOT_PRECISION=dot_precision(h), SOFTCAP=post is not None, **cfg)
     lse = merge_logsumexp(m, s)
-    logp = torch.where(valid, zt.sum(0) - lse, torch.zeros_like(lse))
     S = None
     if with_entropy:  # sum_v p_v z_v = (sum of e * z) / (sum of e), both rescaled to the merged max
         w = torch.exp(m - m.amax(0))
         S = (t * w).sum(0) / (s * w).sum(0)
-    return logp, lse, S
+    return lse, S, zt.sum(0)
 
 
 def merge_logsumexp(m, s):
@@ -266,7 +267,8 @@ def merge_logsumexp(m, s):
     return m_all + torch.log((s * torch.exp(m - m_all)).sum(0))
 
 
-def backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, inv_temp, need_weight_grad=True, post=None):
+def backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, inv_temp, need_weight_grad=True, post=None,
+             dh_fp32=False):
     N, D = h.shape
     V = weight.shape[0]
     cfg = _config("logprob_bwd", h.dtype)
@@ -284,5 +286,5 @@ def backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, inv_temp, n
         dh, dW, db if db is not None else dh, N, V, D, inv_temp, 1.0 if post is None else post,
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, NEED_DW=need_weight_grad, GROUP=8,
         UPCAST=interpreter_on(), DOT_PRECISION=dot_precision(h), SOFTCAP=post is not None, **cfg)
-    return (dh.to(h.dtype), dW.to(weight.dtype) if need_weight_grad else None,
+    return (dh if dh_fp32 else dh.to(h.dtype), dW.to(weight.dtype) if need_weight_grad else None,
             None if db is None else db.to(bias.dtype))

@@ -130,6 +130,16 @@ def test_logit_far_above_the_first_chunk(impl, entropy, monkeypatch):
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logit_far_above_the_rest_in_the_first_chunk(impl, temperature):
+    # The largest logit in the chunk that sets the shift: forward's exp(z - shift) of it is exactly 1, and backward
+    # must recompute the same 1 (an addmm fused with the shift rounded z - shift instead: d_hidden 1.1e-5 off, 66x
+    # the eager error, before the fix).
+    check_against_truth(impl, (37,), 67, 1001, torch.float32, bias=True, temperature=temperature, entropy=True,
+                        big_logit_at=998)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_invariants(impl):
     hidden, weight, _, targets = make_problem((4, 9), 24, 211, torch.float32, seed=7)
     logp, ent = dk.linear_logprob(hidden, weight, targets, return_entropy=True, impl=impl)
