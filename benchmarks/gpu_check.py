@@ -12,13 +12,13 @@ folder and carry it along:
 
 Sections (each a subprocess with its own time limit, so one failure or hang never stops the others):
     tests    pytest -m gpu (the kernel tests on CUDA)
+    vp       the vocab-parallel kernels (process_group=) on every GPU of the machine over NCCL, TP = the GPU count
+             (1 on one H200: the collectives and the shard path against the float64 truth; 2+ where there are more)
     logprob  linear_logprob, llama3-8b N=4096/8192/16384 and gemma2-2b N=8192, bf16, fwd and fwd+bwd, every provider
     fused    fused DPH loss (grpo, dph-js presets), B=8 T=1024 llama3-8b bf16, fwd+bwd, vs eager/compile/Liger GRPO
     fdiv     linear_f_divergence js and fkl, llama3-8b N=8192 bf16, fwd+bwd, vs eager/compile/Liger JSD
     aot      python -m benchmarks.aot: the compile table (registers, spills, smem, MMA) for sm_90 bf16 and fp32
     roofline python -m benchmarks.roofline: the H200 model, next to this run's measured dph-triton times
-    vp       the vocab-parallel kernels (process_group=) on every GPU of the machine over NCCL, TP = the GPU count
-             (1 on one H200: the collectives and the shard path against the float64 truth; 2+ where there are more)
 This script imports nothing but the standard library, so it reports even when torch or the package does not import.
 """
 from __future__ import annotations
@@ -39,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BENCH = ["benchmarks", "--device", "cuda", "--dtype", "bf16", "--compile-timeout", "75"]
 SECTIONS = [
     ("tests", 120, ["pytest", "tests", "-m", "gpu", "-q", "-rfE", "-o", "addopts=", "-p", "no:cacheprovider"], None),
+    ("vp", 60, ["torch.distributed.run", "--nproc-per-node=gpu", "tests/vp_worker.py", "{out}/vp.json"], None),
     ("logprob", 150, _BENCH + ["--ops", "logprob", "--modes", "fwd,fwd+bwd",
                                "--providers", "dph-triton,eager,compile,liger,cce,dph-torch",
                                "--case", "llama3-8b:8192", "--case", "llama3-8b:4096", "--case", "llama3-8b:16384",
@@ -49,7 +50,6 @@ SECTIONS = [
     ("fdiv", 85, _BENCH + ["--ops", "fdiv-js,fdiv-fkl", "--modes", "fwd+bwd",
                            "--providers", "dph-triton,eager,liger,compile,dph-torch",
                            "--case", "llama3-8b:8192"], "gpu_fdiv"),
-    ("vp", 60, ["torch.distributed.run", "--nproc-per-node=gpu", "tests/vp_worker.py", "{out}/vp.json"], None),
     # No GPU needed for these two; last, so a short budget drops them first.
     ("aot", 60, ["benchmarks.aot", "--arch", "sm_90", "--dtype", "bf16,fp32"], None),
     ("roofline", 15, ["benchmarks.roofline", "--results"], None),
