@@ -181,16 +181,23 @@ def memory_growth(group, rows, N=16, D=1024, vocab=65536):
 
 
 def memory_report():
-    """Per-rank memory of the vocab-parallel head against the same head on one rank (a group of one)."""
+    """Per-rank memory of the vocab-parallel head: at many tokens (against one [N, V / P] fp32 logits buffer), and at
+    a large weight against the same head on one rank (a group of one). Run in order of growing peaks, since only a
+    new peak shows in ru_maxrss."""
     world, rank, vocab = dist.get_world_size(), dist.get_rank(), 65536
     solo = dist.new_group([0])  # every rank takes part in creating it
     memory_growth(dist.group.WORLD, 64, N=8, D=16, vocab=64 * world)  # first-call costs (lazy imports, pools)
-    grown = torch.tensor([float(memory_growth(dist.group.WORLD, vocab // world, vocab=vocab))])
-    every = [torch.zeros(1) for _ in range(world)]
-    dist.all_gather(every, grown)
-    one = memory_growth(solo, vocab, vocab=vocab) if rank == 0 else None  # after: its peak is the larger
-    return dict(vp_growth=[float(x) for x in every], one_growth=one, full_weight_bytes=vocab * 1024 * 4,
-                logits_bytes=16 * vocab * 4)
+
+    def every_rank(x):
+        out = [torch.zeros(1) for _ in range(world)]
+        dist.all_gather(out, torch.tensor([float(x)]))
+        return [float(v) for v in out]
+
+    many_tokens = every_rank(memory_growth(dist.group.WORLD, vocab // world, N=1024, D=128, vocab=vocab))
+    big_weight = every_rank(memory_growth(dist.group.WORLD, vocab // world, vocab=vocab))
+    one = memory_growth(solo, vocab, vocab=vocab) if rank == 0 else None
+    return dict(many_tokens_growth=many_tokens, shard_logits_bytes=1024 * (vocab // world) * 4,
+                vp_growth=big_weight, one_growth=one, full_weight_bytes=vocab * 1024 * 4)
 
 
 def error_report():
