@@ -153,11 +153,14 @@ class Parallel:
         if self.mode == "none":
             self.wrapped = policy
         elif self.mode == "ddp":
+            import inspect
+
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            # broadcast_buffers=False: the buffers (rotary frequencies) are constants, and a broadcast per forward
-            # would be one more collective that every rank must join.
-            self.wrapped = DDP(policy, broadcast_buffers=False)
+            # No buffer broadcast per forward: the buffers (rotary frequencies) are constants, and it would be one
+            # more collective that every rank must join (torch 2.13 renamed the argument).
+            new = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+            self.wrapped = DDP(policy, **{"forward_sync_buffers" if new else "broadcast_buffers": False})
         elif self.mode == "fsdp2":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
