@@ -27,8 +27,11 @@ from dph_train.testing import tiny_args  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "parallel_train_worker.py")
-# save every step (the 1-step checkpoints are what the resume test starts from), with the optimizer state (DCP)
-CKPT = ["--train.save_every=1", "--train.keep_checkpoints=2", "--train.save_optimizer=true"]
+# 3 groups of 4 rollouts and 3 stored samples per step, micro-batches of 4: with 2 ranks, rank 0 runs 3 micro-batches
+# and rank 1 two plus an empty one. Save every step (the 1-step checkpoints are what the resume test starts from),
+# with the optimizer state (DCP).
+CKPT = ["--train.prompts_per_step=3", "--train.pef_per_step=3", "--train.save_every=1", "--train.keep_checkpoints=2",
+        "--train.save_optimizer=true"]
 
 
 def _free_port() -> int:
