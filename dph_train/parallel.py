@@ -223,7 +223,9 @@ class Parallel:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        dcp.save({"optim": get_optimizer_state_dict(self.policy, opt)}, checkpoint_id=path, no_dist=not self.enabled)
+        with _one_process_dcp(self.enabled):
+            dcp.save({"optim": get_optimizer_state_dict(self.policy, opt)}, checkpoint_id=path,
+                     no_dist=not self.enabled)
 
     def load_optimizer(self, opt, path: str) -> None:
         """Read a DCP optimizer state written by any number of processes into this run's layout."""
@@ -232,8 +234,20 @@ class Parallel:
 
         osd = get_optimizer_state_dict(self.policy, opt)  # a template with this run's shapes / shards
         state = {"optim": osd}
-        dcp.load(state, checkpoint_id=path, no_dist=not self.enabled)
+        with _one_process_dcp(self.enabled):
+            dcp.load(state, checkpoint_id=path, no_dist=not self.enabled)
         set_optimizer_state_dict(self.policy, opt, state["optim"])
+
+
+@contextlib.contextmanager
+def _one_process_dcp(enabled: bool):
+    """DCP in one process warns on every call that it assumes one process: that is what no_dist=True says."""
+    import warnings
+
+    with warnings.catch_warnings():
+        if not enabled:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _inference_copy(model):

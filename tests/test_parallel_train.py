@@ -68,9 +68,9 @@ def _new_run(base, name: str):
     return run
 
 
-def _launch(base, nproc: int, run, *extra, env=None, check=True):
+def _launch(base, nproc: int, run, *extra, command="train", env=None, check=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master-port={_free_port()}",
-           WORKER, "train", *tiny_args(run, model__tokenizer=base["tok"]), *extra]
+           WORKER, command, *tiny_args(run, model__tokenizer=base["tok"]), *extra]
     t0 = time.time()
     p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True,
                        text=True, timeout=300)
@@ -123,8 +123,10 @@ def reference(base):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_processes_match_one(base, reference, mode):
     run = _new_run(base, mode)
-    p = _launch(base, 2, run, f"--train.parallel={mode}", *CKPT)
-    print(f"{mode}: 2-process launch {p.seconds:.1f} s")
+    # fsdp2 through `run --resume` (reuses the presample; eval before and after training on rank 0)
+    command, extra = ("run", ["--resume"]) if mode == "fsdp2" else ("train", [])
+    p = _launch(base, 2, run, f"--train.parallel={mode}", *CKPT, *extra, command=command)
+    print(f"{mode}: 2-process `{command}` {p.seconds:.1f} s")
     _compare(reference, run, f"{mode} 2 processes vs 1")
     recs = _metrics(run)
     assert all(r["world_size"] == 2 for r in recs)
@@ -134,6 +136,10 @@ def test_two_processes_match_one(base, reference, mode):
     assert (opt / ".metadata").exists() and len(list(opt.glob("*.distcp"))) == 2
     assert json.loads((run / "checkpoints" / "step_000002" / "COMPLETE.json").read_text())["world_size"] == 2
     assert not list((run / "checkpoints").glob("*.tmp"))
+    if command == "run":
+        assert (run / "eval" / "base.json").exists() and (run / "eval" / "final.json").exists()
+        assert (run / "report.md").exists() and "reusing the stored data" in (run / "log.txt").read_text()
+        assert json.loads((run / "status.json").read_text())["state"] == "done"
 
 
 def _cut_at_step_1(src, dst):
