@@ -131,7 +131,7 @@ class TrainConfig:
                           choices=("auto", "triton", "torch", "reference"))
     # multi-process training under torchrun (README "Multi-process training"): none = one process; ddp =
     # DistributedDataParallel; fsdp2 = fully_shard per decoder layer + root. Rollouts are split across ranks.
-    parallel: str = knob("none", "none | ddp | fsdp2 (ddp / fsdp2 need a torchrun launch)",
+    parallel: str = knob("none", "one process | DistributedDataParallel | FSDP2 fully_shard (ddp, fsdp2: torchrun)",
                          choices=("none", "ddp", "fsdp2"))
     dist_timeout_min: float = knob(30.0, "torchrun: a rank waiting longer than this for the others fails", gt=0)
 
