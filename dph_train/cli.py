@@ -7,6 +7,9 @@
     dph-train compare [--config configs/compare_styles.yaml]    SFT -> per method train + eval, 3 seeds: the collapse
                                                                 and its cure side by side (compare.json, report.md)
 
+Multi-process training: torchrun --nproc_per_node=N -m dph_train train|run --train.parallel=ddp|fsdp2 [...]
+(README "Multi-process training"); under torchrun, presample and eval run on rank 0 only.
+
 Config: dataclass defaults (the CPU schedule on SmolLM2 + arith) <- --config FILE (or <run_dir>/config.yaml when it
 exists) <- --section.key=value overrides, e.g. --train.steps=4 --run_dir=runs/try. Everything a run writes goes under
 run_dir; the resolved config is saved there as config.yaml. `dph-train <command> --help` lists the config keys that
@@ -110,22 +113,27 @@ def _on_sigterm(signum, frame):
 
 
 class Session:
-    """The loaded pieces a command needs: device, model, tokenizer, task, rollout engine, run dir."""
+    """The loaded pieces a command needs: device, model, tokenizer, task, rollout engine, run dir; par: the
+    process group (parallel.Parallel; default one process)."""
 
-    def __init__(self, cfg, model_name: str | None = None):
+    def __init__(self, cfg, model_name: str | None = None, par=None):
         import torch
 
         from .common import RunDir, seed_all
         from .models import load_model, resolve_device
+        from .parallel import Parallel
         from .rollout import make_engine
         from . import tasks
 
         self.cfg = cfg
+        self.par = par or Parallel()
         seed_all(cfg.seed)
         self.run = RunDir(cfg.run_dir)
-        self.device = resolve_device(cfg.device)
+        self.device = self.par.device if self.par.enabled else resolve_device(cfg.device)
         if self.device.type == "cpu":
-            n = int(cfg.threads) if cfg.threads else auto_threads()
+            # under torchrun the processes on one machine share its cores
+            n = int(cfg.threads) if cfg.threads else max(1, auto_threads() // int(os.environ.get("LOCAL_WORLD_SIZE",
+                                                                                                   "1")))
             torch.set_num_threads(n)
             self.run.log(f"[session] cpu threads: {n} (cores {os.cpu_count()}, load {os.getloadavg()[0]:.1f})")
         try:  # the task first: a wrong task name or argument is a user error, found before the model loads
@@ -137,7 +145,9 @@ class Session:
                                                                       tokenizer=model_name)
         with self.run.memory("load model"):
             self.model, self.tok = load_model(mc, self.device)
-        self.engine = make_engine(cfg.rollout, self.model, self.tok, cfg.model, self.device, self.run.p("engine"),
+        # rollouts sample from the plain model (fsdp2: a full copy; parallel.py)
+        self.engine = make_engine(cfg.rollout, self.par.plain_copy(self.model), self.tok, cfg.model, self.device,
+                                  self.run.p("engine"),
                                   seed=cfg.seed, max_new_tokens_cap=cfg.eval.max_new_tokens)
         self.run.log(f"[session] rollout backend: {self.engine.name}")
 
@@ -156,10 +166,11 @@ def cmd_train(cfg, args, s: Session | None = None) -> dict:
     from .presample import load_presample
     from .trainer import Trainer, make_ref_model
 
-    s = s or Session(cfg)
+    s = s or Session(cfg, par=getattr(args, "par", None))
     prompts_rows, pef_rows, _ = load_presample(s.run.p("presample"))
     ref = make_ref_model(s.model) if cfg.train.method == "rkl" else None
-    trainer = Trainer(cfg, s.model, s.tok, s.task, s.engine, s.run, s.device, prompts_rows, pef_rows, ref_model=ref)
+    trainer = Trainer(cfg, s.model, s.tok, s.task, s.engine, s.run, s.device, prompts_rows, pef_rows, ref_model=ref,
+                      par=s.par)
     out = trainer.fit(resume=args.resume)
     del ref
     return out
@@ -198,20 +209,25 @@ def cmd_run(cfg, args) -> dict:
     from .evaluate import format_table, load_evals, write_report
 
     t0 = time.time()
-    s = Session(cfg)
-    run = s.run
-    if args.resume and os.path.exists(run.p("presample", "summary.json")):
-        run.log("[run] presample: reusing the stored data")
-    else:
-        with run.memory("presample"):
-            cmd_presample(cfg, args, s)
-    if args.resume and os.path.exists(run.p("eval", "base.json")):
-        run.log("[run] eval base: reusing eval/base.json")
-    else:
-        with run.memory("eval base"):
-            cmd_eval(cfg, args, s, tag="base")
+    s = Session(cfg, par=getattr(args, "par", None))
+    run, par = s.run, s.par
+    if par.is_main:  # under torchrun: presample and eval on rank 0, the others wait (train.dist_timeout_min)
+        if args.resume and os.path.exists(run.p("presample", "summary.json")):
+            run.log("[run] presample: reusing the stored data")
+        else:
+            with run.memory("presample"):
+                cmd_presample(cfg, args, s)
+        if args.resume and os.path.exists(run.p("eval", "base.json")):
+            run.log("[run] eval base: reusing eval/base.json")
+        else:
+            with run.memory("eval base"):
+                cmd_eval(cfg, args, s, tag="base")
+    par.barrier()
     with run.memory("train"):
         train = cmd_train(cfg, args, s)
+    if not par.is_main:
+        s.close()
+        return dict(train=train)
     with run.memory("eval final"):
         cmd_eval(cfg, args, s, tag="final")
     wall = time.time() - t0
@@ -249,6 +265,7 @@ def cmd_compare(cfg, args) -> dict:
 
 def main(argv: list | None = None) -> int:
     from .config import ConfigError
+    from .parallel import Parallel, check_launch, env_rank, env_world_size
 
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
@@ -265,12 +282,19 @@ def main(argv: list | None = None) -> int:
             from .compare import check_compare
 
             check_compare(cfg)
+        if args.command in ("train", "run"):
+            check_launch(cfg.train.parallel, args.command)
+        elif args.command == "compare" and (env_world_size() or 1) > 1:
+            raise ConfigError("compare runs its own worker processes (compare.workers): launch it without torchrun")
     except (ConfigError, UsageError) as e:
         return _user_error(args, e)
+    if args.command in ("presample", "eval") and env_rank() != 0:
+        return 0  # under torchrun rank 0 samples / evaluates alone; the other ranks have nothing to do
     from .common import RunDir
 
     run = RunDir(cfg.run_dir)
-    save_config(cfg, run.p("config.yaml"))
+    if run.main:
+        save_config(cfg, run.p("config.yaml"))
     run.status("running", command=args.command)
     import signal
 
@@ -282,10 +306,14 @@ def main(argv: list | None = None) -> int:
 
     threads = torch.get_num_threads()
     try:
+        # train / run under torchrun: join the process group (a no-op for train.parallel=none)
+        args.par = (Parallel.setup(cfg.train.parallel, cfg.device, cfg.train.dist_timeout_min)
+                    if args.command in ("train", "run") else Parallel())
         fn = dict(presample=cmd_presample, train=cmd_train, eval=cmd_eval, run=cmd_run,
                   compare=cmd_compare)[args.command]
         with run.memory(args.command):
             fn(cfg, args)
+        args.par.close()  # a barrier, then the group is destroyed (on an error: no barrier, the process just ends)
     except KeyboardInterrupt as e:
         run.fail(args.command, e)
         return 130

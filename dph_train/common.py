@@ -139,18 +139,24 @@ class RunDir:
 
         config.yaml  log.txt  metrics.jsonl  status.json
         presample/{data (datasets Arrow), summary.json}
-        checkpoints/step_XXXXXX/{HF model folder, trainer_state.pt}
+        checkpoints/step_XXXXXX/{HF model folder, trainer_state.pt, optimizer/ (DCP)}
         eval/{<tag>.json, passk.png}     report.md
+
+    Under torchrun only rank 0 (RANK=0) writes the log, metrics and status; the other ranks' log lines are dropped,
+    and a rank that fails records its error in status.json and log.txt like rank 0 would.
     """
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
+        self.main = int(os.environ.get("RANK", "0")) == 0
         os.makedirs(self.path, exist_ok=True)
 
     def p(self, *parts) -> str:
         return os.path.join(self.path, *parts)
 
     def log(self, msg: str) -> None:
+        if not self.main:
+            return
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
         print(line, flush=True)
         with open(self.p("log.txt"), "a") as f:
@@ -161,16 +167,22 @@ class RunDir:
         return _MemoryPhase(self, phase)
 
     def metrics(self, record: dict) -> None:
+        if not self.main:
+            return
         with open(self.p("metrics.jsonl"), "a") as f:
             f.write(json.dumps(jsonable(record)) + "\n")
             f.flush()
 
     def status(self, state: str, **info) -> None:
+        if not self.main and state != "failed":
+            return
         write_json(self.p("status.json"), {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info})
 
     def fail(self, command: str, exc: BaseException, quiet: bool = False) -> None:
         """Record the failure in status.json and log.txt; quiet: the caller prints the message itself."""
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        if not self.main:
+            command = f"{command} (rank {os.environ.get('RANK')})"
         self.status("failed", command=command, error=repr(exc), traceback=tb)
         with open(self.p("log.txt"), "a") as f:
             f.write(tb)

@@ -129,6 +129,11 @@ class TrainConfig:
     save_optimizer: bool = knob(False, "also save the optimizer state in checkpoints (for an exact --resume)")
     logp_impl: str = knob("auto", "dk impl for log-probs and the loss",
                           choices=("auto", "triton", "torch", "reference"))
+    # multi-process training under torchrun (README "Multi-process training"): none = one process; ddp =
+    # DistributedDataParallel; fsdp2 = fully_shard per decoder layer + root. Rollouts are split across ranks.
+    parallel: str = knob("none", "one process | DistributedDataParallel | FSDP2 fully_shard (ddp, fsdp2: torchrun)",
+                         choices=("none", "ddp", "fsdp2"))
+    dist_timeout_min: float = knob(30.0, "torchrun: a rank waiting longer than this for the others fails", gt=0)
 
 
 @dataclass
