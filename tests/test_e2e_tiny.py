@@ -108,8 +108,9 @@ def test_presample_train_eval_resume(tmp_path, monkeypatch):
 
 def test_failed_run_leaves_readable_logs(tmp_path):
     run = tmp_path / "run"
+    (run / "presample" / "data").mkdir(parents=True)  # a presample folder that is not a dataset
     with pytest.raises(FileNotFoundError):
-        main(["train", *tiny_args(run)])  # no presample yet
+        main(["train", *tiny_args(run)])
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "failed" and "presample" in status["error"]
     assert "Traceback" in (run / "log.txt").read_text()

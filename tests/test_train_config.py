@@ -187,6 +187,15 @@ def test_eval_refuses_a_run_without_checkpoint(tmp_path):
     assert not (run / "eval").exists()
 
 
+def test_train_refuses_a_run_without_presample(tmp_path):
+    run = tmp_path / "r"
+    p = _cli("train", f"--run_dir={run}", "--model.name=tiny")
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("dph-train: error: no pre-sampled data in ") and "dph-train presample" in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (run / "checkpoints").exists()
+
+
 def test_eval_base_is_explicit(tmp_path):
     import argparse
 
