@@ -192,14 +192,6 @@ def _eval_target(cfg, args):
     return args.checkpoint, args.tag or os.path.basename(os.path.normpath(args.checkpoint))
 
 
-def _check_presampled(cfg) -> None:
-    """`train` reads the D_exp / D_pef split that `presample` wrote: say so before the model loads."""
-    folder = os.path.join(cfg.run_dir, "presample")
-    if not os.path.isdir(os.path.join(folder, "data")):
-        raise UsageError(f"no pre-sampled data in {folder}: run `dph-train presample --run_dir={cfg.run_dir}` "
-                         "(same config) first, or `dph-train run`, which does both")
-
-
 def cmd_eval(cfg, args, s: Session | None = None, tag: str | None = None) -> dict:
     from .evaluate import evaluate, format_table
 
@@ -294,8 +286,13 @@ def main(argv: list | None = None) -> int:
             check_launch(cfg.train.parallel, args.command)
         elif args.command == "compare" and (env_world_size() or 1) > 1:
             raise ConfigError("compare runs its own worker processes (compare.workers): launch it without torchrun")
-        if args.command == "train":
-            _check_presampled(cfg)  # before the model loads
+        if args.command == "train":  # train reads the split that presample wrote: say so before the model loads
+            from .presample import presampled_data
+
+            try:
+                presampled_data(os.path.join(cfg.run_dir, "presample"))
+            except FileNotFoundError as e:
+                raise UsageError(str(e)) from None
     except (ConfigError, UsageError) as e:
         return _user_error(args, e)
     if args.command in ("presample", "eval") and env_rank() != 0:

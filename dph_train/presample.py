@@ -108,14 +108,21 @@ def save_presample(folder: str, rows: list, pef_rows: list, summary: dict) -> No
     write_json(os.path.join(folder, "summary.json"), summary)
 
 
+def presampled_data(folder: str) -> str:
+    """The data folder that `presample` wrote under folder; FileNotFoundError, saying what to run, if there is none."""
+    data = os.path.join(folder, "data")
+    if not os.path.isdir(data):
+        run_dir = os.path.dirname(os.path.normpath(folder))
+        raise FileNotFoundError(f"no pre-sampled data in {folder}: run `dph-train presample --run_dir={run_dir}` "
+                                "(same config) first, or `dph-train run`, which does both")
+    return data
+
+
 def load_presample(folder: str):
     """-> (prompts rows as list of dicts, pef rows as list of dicts, summary dict)."""
     from datasets import load_from_disk
 
-    data = os.path.join(folder, "data")
-    if not os.path.isdir(data):
-        raise FileNotFoundError(f"no pre-sampled data in {folder}: run `dph-train presample` first")
-    dd = load_from_disk(data)
+    dd = load_from_disk(presampled_data(folder))
     with open(os.path.join(folder, "summary.json")) as f:
         summary = json.load(f)
     pef = dd["pef"].to_list() if "pef" in dd else []
