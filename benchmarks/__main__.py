@@ -57,6 +57,9 @@ def build_parser():
     p.add_argument("--min-reps", type=int, default=3, help="CPU minimum timed repetitions")
     p.add_argument("--budget", type=float, default=0.0, help="soft time limit for the whole run in seconds (0: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inputs", choices=list(ops.INPUT_KINDS), default="random",
+                   help="the head: random (near-uniform softmax), peaked (synthetic, SmolLM2's mean entropy) or "
+                        "smollm2 (the real SmolLM2 head on text; its shape only). See benchmarks/inputs.py")
     p.add_argument("--out", default=None,
                    help=f"results folder (default: a fresh {FRESH}/<tag>_<time>; make bench: benchmarks/results)")
     p.add_argument("--tag", default=None, help="results file stem (default: cpu, or the GPU's name)")
@@ -85,7 +88,7 @@ def config_from_args(a) -> tuple[harness.Config, str]:
         shapes = registry.table_shapes(registry.GPU_TABLE if device == "cuda" else registry.CPU_TABLE)
     cfg = harness.Config(
         ops=_csv(a.ops), shapes=shapes, providers=_csv(a.providers), modes=modes, dtype=dtype,
-        device=device, seq_len=a.seq_len, seed=a.seed, check_rows=a.check_rows, check_compiled=a.check_compiled,
+        device=device, seq_len=a.seq_len, seed=a.seed, inputs=a.inputs, check_rows=a.check_rows, check_compiled=a.check_compiled,
         mem=a.mem, compile_timeout=a.compile_timeout or (300.0 if device == "cpu" else 240.0),
         cpu_budget_s=a.cpu_budget, min_reps=a.min_reps, budget_s=a.budget, verbose=not a.quiet)
     tag = a.tag

@@ -38,10 +38,10 @@ SMEM_LIMIT = {90: 232448, 80: 166912}
 DTYPES = {"bf16": "bf16", "fp32": "fp32", "fp16": "fp16"}
 
 # Argument kinds by name, shared by all kernels (the launchers' conventions).
-INPUT_PTRS = {"H", "W", "Bias", "Hr", "Wr", "BiasR"}  # the model's dtype
+INPUT_PTRS = {"H", "W", "Bias", "Hr", "Wr", "BiasR", "dZ", "dZr"}  # the model's dtype (dlogit chunks too)
 I64_PTRS = {"Targets"}
 I8_PTRS = {"Valid", "IsPef", "Flags"}
-INTS = {"N", "V", "D", "Dr", "v_per_split", "n"}
+INTS = {"N", "V", "D", "Dr", "v_per_split", "n", "v0", "v1", "stride_dz"}
 FLOATS = {"inv_temp", "post", "pre", "post_r", "pre_r", "alpha", "clip_low", "clip_high", "dual_clip", "kl_beta",
           "clamp_lo", "clamp_hi"}
 
@@ -67,6 +67,7 @@ class Row:
     spill_bytes: int | None = None
     smem: int | None = None
     mma: str = ""
+    atomics: int | None = None
     compile_s: float = 0.0
     status: str = "ok"
     reason: str = ""
@@ -78,10 +79,10 @@ def _kernels():
     from dph_kernels import linear_logprob_triton as lp
     from dph_kernels import token_loss_triton as tl_
     return {"linear_logprob._forward_kernel": lp._forward_kernel,
-            "linear_logprob._backward_kernel": lp._backward_kernel,
+            "linear_logprob._dlogit_kernel": lp._dlogit_kernel,
             "linear_divergence._lse2_kernel": dv._lse2_kernel,
             "linear_divergence._div_kernel": dv._div_kernel,
-            "linear_divergence._div_backward_kernel": dv._div_backward_kernel,
+            "linear_divergence._div_dlogit_kernel": dv._div_dlogit_kernel,
             "token_loss._token_loss_kernel": tl_._token_loss_kernel}
 
 
@@ -119,16 +120,18 @@ def _variants(t, ws, common, prod):
             out.append(Case("linear_logprob._forward_kernel", f"entropy={int(ent)} softcap={int(cap)}",
                             dict(common, WITH_ENTROPY=ent, SOFTCAP=cap, **t["logprob_fwd"]), *ws["logprob_fwd"],
                             prod))
-            out.append(Case("linear_logprob._backward_kernel", f"entropy={int(ent)} softcap={int(cap)}",
-                            dict(common, WITH_ENTROPY=ent, NEED_DW=True, GROUP=8, SOFTCAP=cap,
-                                 **t["logprob_bwd"]), *ws["logprob_bwd"], prod))
+            out.append(Case("linear_logprob._dlogit_kernel", f"entropy={int(ent)} softcap={int(cap)}",
+                            dict(common, WITH_ENTROPY=ent, GROUP=8, SOFTCAP=cap, **t["logprob_bwd"]),
+                            *ws["logprob_bwd"], prod))
         div = dict(common, HAS_RBIAS=False, SOFTCAP=cap, SOFTCAP_R=cap)
         out.append(Case("linear_divergence._lse2_kernel", f"softcap={int(cap)}", dict(div, **t["div_lse"]),
                         *ws["div_lse"], prod))
         out.append(Case("linear_divergence._div_kernel", f"js softcap={int(cap)}",
                         dict(div, KIND=2, **t["div"]), *ws["div"], prod))
-        out.append(Case("linear_divergence._div_backward_kernel", f"js softcap={int(cap)}",
+        out.append(Case("linear_divergence._div_dlogit_kernel", f"js softcap={int(cap)}",
                         dict(div, KIND=2, NEED_REF=False, GROUP=8, **t["div_bwd"]), *ws["div_bwd"], prod))
+        out.append(Case("linear_divergence._div_dlogit_kernel", f"js ref-grad softcap={int(cap)}",
+                        dict(div, KIND=2, NEED_REF=True, GROUP=8, **t["div_bwd"]), *ws["div_bwd"], prod))
     return out
 
 
@@ -187,7 +190,10 @@ def compile_case(case: Case, arch: int, dtype: str, fns=None) -> Row:
         row.regs, row.spill_bytes = regs, stack
         row.smem = int(k.metadata.shared) + int(static_smem or 0)
         row.mma = "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "-")
-        if stack:
+        row.atomics = atomic_count(ptx)
+        if row.atomics and case.kernel in ATOMIC_FREE:
+            row.status, row.reason = "atomics", f"{row.atomics} atom./red. instructions in a backward kernel"
+        elif stack:
             row.status, row.reason = "spill", f"{stack} B stack (register spills)"
         elif row.smem > SMEM_LIMIT[arch]:
             row.status, row.reason = "smem", f"{row.smem} B > {SMEM_LIMIT[arch]} B"
@@ -197,10 +203,22 @@ def compile_case(case: Case, arch: int, dtype: str, fns=None) -> Row:
     return row
 
 
+# The backward kernels write each gradient element once (no atomic scatter: bitwise-repeatable gradients); a row
+# of theirs with an atomic instruction fails.
+ATOMIC_FREE = {"linear_logprob._dlogit_kernel", "linear_divergence._div_dlogit_kernel"}
+_ATOMIC = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:atom|red)\.", re.MULTILINE)
+
+
+def atomic_count(ptx: str) -> int:
+    """Atomic read-modify-write instructions in PTX: `atom.*` and `red.*` (not barrier reductions `bar.red`)."""
+    return len(_ATOMIC.findall(ptx))
+
+
 def table(rows) -> str:
-    head = ["kernel", "variant", "config", "arch", "dtype", "regs", "spill B", "smem B", "mma", "compile s", "status"]
+    head = ["kernel", "variant", "config", "arch", "dtype", "regs", "spill B", "smem B", "mma", "atomics",
+            "compile s", "status"]
     body = [[r.kernel, r.variant, r.config, r.arch, r.dtype, str(r.regs), str(r.spill_bytes), str(r.smem), r.mma,
-             f"{r.compile_s:.1f}", r.status + (f" ({r.reason})" if r.reason else "")] for r in rows]
+             str(r.atomics), f"{r.compile_s:.1f}", r.status + (f" ({r.reason})" if r.reason else "")] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
@@ -216,7 +234,8 @@ def run(archs, dtypes, rows="production", log=print):
                     continue  # fp32 in, whatever the model's dtype
                 r = compile_case(case, arch, dtype if not case.kernel.startswith("token_loss") else "fp32", fns)
                 log(f"  {r.kernel} [{r.variant}] {r.config} sm_{arch} {r.dtype}: regs={r.regs} "
-                    f"spill={r.spill_bytes} smem={r.smem} {r.mma} {r.compile_s:.1f}s {r.status}", flush=True)
+                    f"spill={r.spill_bytes} smem={r.smem} {r.mma} atomics={r.atomics} {r.compile_s:.1f}s {r.status}",
+                    flush=True)
                 out.append(r)
     return out
 

@@ -1,7 +1,8 @@
-"""One command for a GPU session (<= 8 minutes on an H200): the GPU correctness tests, then the kernel benchmarks
-against the baselines that issues 2, 3, 4 and 6 ask for. Full logs go to OUT_DIR; a short table is printed last.
+"""One command for a GPU session (<= 10 minutes on one H100 or H200): the GPU correctness tests, the default
+backward's repeatability and memory, the masked-row speedup, then the kernel benchmarks against the baselines. Full
+logs go to OUT_DIR; a short table is printed last.
 
-    python benchmarks/gpu_check.py OUT_DIR [--wheels DIR] [--budget 460] [--only tests,logprob,fused,fdiv]
+    python benchmarks/gpu_check.py OUT_DIR [--wheels DIR] [--budget 570] [--only tests,logprob,...]
 
 Before the session (the GPU machine has no network), fetch the pure-Python baselines as wheels into an ignored
 folder and carry it along:
@@ -11,14 +12,21 @@ folder and carry it along:
     python benchmarks/gpu_check.py "$OUT" --wheels benchmarks/wheels
 
 Sections (each a subprocess with its own time limit, so one failure or hang never stops the others):
-    tests    pytest -m gpu (the kernel tests on CUDA)
+    tests    pytest -m gpu (the kernel tests on CUDA, the two-backward bitwise check among them)
     vp       the vocab-parallel kernels (process_group=) on every GPU of the machine over NCCL, TP = the GPU count
-             (1 on one H200: the collectives and the shard path against the float64 truth; 2+ where there are more)
-    logprob  linear_logprob, llama3-8b N=4096/8192/16384 and gemma2-2b N=8192, bf16, fwd and fwd+bwd, every provider
+    bwd      benchmarks.bwd_check: llama3-8b and gemma2-2b N=8192 bf16, two backward calls bitwise equal, and the
+             backward's peak extra memory beside its formula (size(dW) + N C 2 + 2 N D 4)
+    masked   benchmarks.masked_rows: fwd+bwd with half the positions masked vs none (fused loss, linear_logprob),
+             llama3-8b B x T = 8 x 1024 bf16
+    logprob  linear_logprob, llama3-8b and gemma2-2b N=8192, bf16, fwd and fwd+bwd: dph-triton (vocab-chunk
+             backward), eager, torch.compile, Liger, CCE, dph-torch (the torch path on CUDA); random inputs
+    peaked   the same, fwd+bwd, with --inputs peaked (synthetic inputs at SmolLM2's mean entropy, 3.73 nats:
+             benchmarks/inputs.py), where CCE's tile filtering can skip work
     fused    fused DPH loss (grpo, dph-js presets), B=8 T=1024 llama3-8b bf16, fwd+bwd, vs eager/compile/Liger GRPO
     fdiv     linear_f_divergence js and fkl, llama3-8b N=8192 bf16, fwd+bwd, vs eager/compile/Liger JSD
-    aot      python -m benchmarks.aot: the compile table (registers, spills, smem, MMA) for sm_90 bf16 and fp32
+    aot      python -m benchmarks.aot: the compile table (registers, spills, smem, MMA, atomics) for sm_90
     roofline python -m benchmarks.roofline: the H200 model, next to this run's measured dph-triton times
+The earlier atomic backward is not among them: it was removed (its model stays in the roofline table).
 This script imports nothing but the standard library, so it reports even when torch or the package does not import.
 """
 from __future__ import annotations
@@ -37,22 +45,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name, seconds, command (after `python -m`), results tag. Providers are listed with the ones an issue requires
 # first, so that a section cut short by its time budget loses the optional ones.
 _BENCH = ["benchmarks", "--device", "cuda", "--dtype", "bf16", "--compile-timeout", "75"]
+_LOGPROB = ["--ops", "logprob", "--providers", "dph-triton,eager,compile,liger,cce,dph-torch",
+            "--case", "llama3-8b:8192", "--case", "gemma2-2b:8192"]
 SECTIONS = [
-    ("tests", 120, ["pytest", "tests", "-m", "gpu", "-q", "-rfE", "-o", "addopts=", "-p", "no:cacheprovider"], None),
-    ("vp", 60, ["torch.distributed.run", "--nproc-per-node=gpu", "tests/vp_worker.py", "{out}/vp.json"], None),
-    ("logprob", 150, _BENCH + ["--ops", "logprob", "--modes", "fwd,fwd+bwd",
-                               "--providers", "dph-triton,eager,compile,liger,cce,dph-torch",
-                               "--case", "llama3-8b:8192", "--case", "llama3-8b:4096", "--case", "llama3-8b:16384",
-                               "--case", "gemma2-2b:8192"], "gpu_logprob"),
-    ("fused", 95, _BENCH + ["--ops", "grpo,dph-js", "--modes", "fwd+bwd", "--seq-len", "1024",
+    ("tests", 100, ["pytest", "tests", "-m", "gpu", "-q", "-rfE", "-o", "addopts=", "-p", "no:cacheprovider"], None),
+    ("vp", 45, ["torch.distributed.run", "--nproc-per-node=gpu", "tests/vp_worker.py", "{out}/vp.json"], None),
+    ("bwd", 45, ["benchmarks.bwd_check", "--json", "{out}/bwd.json"], None),
+    ("masked", 40, ["benchmarks.masked_rows", "--model", "llama3-8b", "--batch", "8", "--seq", "1024", "--dtype",
+                    "bf16", "--reps", "5", "--json", "{out}/masked.json"], None),
+    ("logprob", 120, _BENCH + _LOGPROB + ["--modes", "fwd,fwd+bwd"], "gpu_logprob"),
+    ("peaked", 70, _BENCH + _LOGPROB + ["--modes", "fwd+bwd", "--inputs", "peaked"], "gpu_logprob_peaked"),
+    ("fused", 70, _BENCH + ["--ops", "grpo,dph-js", "--modes", "fwd+bwd", "--seq-len", "1024",
                             "--providers", "dph-triton,eager,liger,compile,dph-torch",
                             "--case", "llama3-8b:8192"], "gpu_fused"),
-    ("fdiv", 85, _BENCH + ["--ops", "fdiv-js,fdiv-fkl", "--modes", "fwd+bwd",
+    ("fdiv", 60, _BENCH + ["--ops", "fdiv-js,fdiv-fkl", "--modes", "fwd+bwd",
                            "--providers", "dph-triton,eager,liger,compile,dph-torch",
                            "--case", "llama3-8b:8192"], "gpu_fdiv"),
     # No GPU needed for these two; last, so a short budget drops them first.
-    ("aot", 60, ["benchmarks.aot", "--arch", "sm_90", "--dtype", "bf16,fp32"], None),
-    ("roofline", 15, ["benchmarks.roofline", "--results"], None),
+    ("aot", 30, ["benchmarks.aot", "--arch", "sm_90", "--dtype", "bf16,fp32"], None),
+    ("roofline", 10, ["benchmarks.roofline", "--results"], None),
 ]
 RESERVE_S = 10  # kept back for the final table
 
@@ -147,6 +158,10 @@ def _smoke(cmd):
     """The same section on the CPU at a tiny shape."""
     if cmd[0] == "torch.distributed.run":  # vp: two CPU processes over gloo
         return [c.replace("--nproc-per-node=gpu", "--nproc-per-node=2") for c in cmd]
+    if cmd[0] == "benchmarks.bwd_check":
+        return cmd + ["--cpu-smoke"]
+    if cmd[0] == "benchmarks.masked_rows":
+        return [cmd[0], "--device", "cpu", "--batch", "2", "--seq", "64", "--reps", "1", *cmd[-2:]]
     if cmd[0] != "benchmarks":
         return cmd
     out, skip = [], False
@@ -166,7 +181,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", help="folder for logs and results (created)")
     ap.add_argument("--wheels", default=None, help="folder of wheels to install (--no-deps, --no-index) first")
-    ap.add_argument("--budget", type=float, default=460, help="seconds for the whole check (default %(default)s)")
+    ap.add_argument("--budget", type=float, default=570, help="seconds for the whole check (default %(default)s)")
     ap.add_argument("--only", default=None, help="comma list of sections: " + ",".join(s[0] for s in SECTIONS))
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments for the tests section")
     ap.add_argument("--cpu-smoke", action="store_true",
@@ -232,7 +247,7 @@ def main(argv=None):
             summary.append(f"tests: {state} in {secs:.0f} s: {result.strip()}")
         elif name == "vp":
             summary.append(f"vp: {state} in {secs:.0f} s: {vp_summary(os.path.join(out_dir, 'vp.json'))}")
-        elif name in ("aot", "roofline"):
+        elif name in ("aot", "roofline", "bwd", "masked"):
             body = tail(log_path, 40 if name == "roofline" else 60)
             summary.append(f"{name}: {state} in {secs:.0f} s (log {log_path})")
             summary += [ln for ln in body if ln.strip() and not ln.startswith("  ")]

@@ -33,6 +33,7 @@ class Config:
     device: str = "cpu"
     seq_len: int = 1024
     seed: int = 0
+    inputs: str = "random"  # ops.INPUT_KINDS
     check_rows: int = 64  # 0 disables the error column
     check_compiled: bool = False  # compiled eager has eager's math; its check costs another compilation
     mem: str = "subprocess"  # subprocess | inproc | none (CPU only; CUDA always measures in-process)
@@ -101,7 +102,7 @@ def run(cfg: Config, on_progress=None) -> list[dict]:
             log(cfg, f"== {op} {shape.label} {ops.DTYPE_NAMES[cfg.dtype]} {cfg.device}")
             try:
                 inp = ops.make_inputs(op, shape.N, shape.D, shape.V, cfg.dtype, cfg.device, seq_len=cfg.seq_len,
-                                      seed=cfg.seed, softcap=shape.softcap)
+                                      seed=cfg.seed, softcap=shape.softcap, inputs=cfg.inputs)
             except Exception as e:  # noqa: BLE001 - e.g. OOM making the inputs
                 for p in chosen:
                     shape_rows += [_row(cfg, shape, op, p.name, m, status="error", reason=f"inputs: {_short(e)}")
@@ -195,7 +196,7 @@ def _subprocess_memory(cfg: Config, shape: Shape, chosen, unavailable, shape_row
             continue
         spec = dict(ops=[o for o in cfg.ops if o in todo[p.name]], shape=[shape.model, shape.N, shape.D, shape.V],
                     provider=p.name, modes=cfg.modes, dtype=ops.DTYPE_NAMES[cfg.dtype], seq_len=cfg.seq_len,
-                    seed=cfg.seed, compile_timeout=cfg.compile_timeout)
+                    seed=cfg.seed, compile_timeout=cfg.compile_timeout, inputs=cfg.inputs)
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
         log(cfg, f"[memory] {p.name} {shape.label}: fresh subprocess")
         try:

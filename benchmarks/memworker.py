@@ -24,7 +24,7 @@ def main(argv=None):
     for op in spec["ops"]:
         try:
             inp = ops.make_inputs(op, N, D, V, dtype, "cpu", seq_len=spec["seq_len"], seed=spec["seed"],
-                                  softcap=registry.SOFTCAP.get(model))
+                                  softcap=registry.SOFTCAP.get(model), inputs=spec.get("inputs", "random"))
             fwd = p.make(op, inp, "cpu")
             # One untimed call first: compilation, and the libraries' one-time allocations (thread pools, BLAS
             # buffers), would otherwise be charged to whichever op a subprocess measures first.

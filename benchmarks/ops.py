@@ -77,19 +77,28 @@ class Inputs:
         return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
 
 
+INPUT_KINDS = ("random", "peaked", "smollm2")
+
+
 def make_inputs(op: str, N: int, D: int, V: int, dtype, device, *, seq_len: int = 1024, seed: int = 0,
-                softcap: float | None = None) -> Inputs:
-    """Deterministic inputs for one case. Logits come out with a standard deviation of about 2, like a real lm_head;
-    old/ref log-probs of the fused loss are the true log-probs plus a little noise so that clipping and the
-    divergence are exercised."""
+                softcap: float | None = None, inputs: str = "random") -> Inputs:
+    """Deterministic inputs for one case; old/ref log-probs of the fused loss are the true log-probs plus a little
+    noise so that clipping and the divergence are exercised. `inputs` picks the head (benchmarks/inputs.py):
+    "random": Gaussian, logits of std ~2 (a near-uniform softmax, ~8.8 nats at the smollm2 shape);
+    "peaked": synthetic_peaked_inputs, mean entropy matched to SmolLM2's on text (SMOLLM2_ENTROPY_NATS), targets
+    sampled from the softmax; "smollm2": the real hidden states and lm_head of the bundled SmolLM2 on text (its
+    shape only, D=576 V=49152)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(*shape, std=1.0):
         return (torch.randn(*shape, generator=gen) * std).to(device=device, dtype=dtype)
 
-    hidden = randn(N, D)
-    weight = randn(V, D, std=2.0 / math.sqrt(D))
-    targets = torch.randint(0, V, (N,), generator=gen).to(device)
+    if inputs == "random":
+        hidden = randn(N, D)
+        weight = randn(V, D, std=2.0 / math.sqrt(D))
+        targets = torch.randint(0, V, (N,), generator=gen).to(device)
+    else:
+        hidden, weight, targets = realistic_head(inputs, N, D, V, dtype, device, seed)
     fam = FAMILY[op]
     inp = Inputs(op, hidden, weight, targets, softcap=softcap)
     if fam == "logprob":
@@ -120,6 +129,18 @@ def make_inputs(op: str, N: int, D: int, V: int, dtype, device, *, seq_len: int 
     inp.hidden.requires_grad_(True)
     inp.weight.requires_grad_(True)
     return inp
+
+
+def realistic_head(kind, N, D, V, dtype, device, seed):
+    from . import inputs as real
+    if kind == "peaked":
+        return real.synthetic_peaked_inputs(N, D, V, dtype, device, real.SMOLLM2_ENTROPY_NATS, seed)
+    if kind == "smollm2":
+        if (D, V) != real.SMOLLM2_SHAPE:
+            raise ValueError(f"inputs='smollm2' has D, V = {real.SMOLLM2_SHAPE}, not {D}, {V}")
+        hidden, weight, targets = real.smollm2_head_inputs(N, dtype, seed)
+        return hidden.to(device), weight.to(device), targets.to(device)
+    raise ValueError(f"inputs must be one of {INPUT_KINDS}, got {kind!r}")
 
 
 def slice_inputs(inp: Inputs, rows: int, dtype=None) -> Inputs:

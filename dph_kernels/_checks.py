@@ -116,11 +116,12 @@ def check_targets_range(targets, vocab, ignore_index, name="targets"):
 
 
 def check_linear_inputs(hidden, weight, targets, bias, *, allow_fp64, head="weight", hidden_name="hidden",
-                        targets_name="targets", bias_name="bias", device=None, device_of="hidden"):
+                        targets_name="targets", bias_name="bias", device=None, device_of="hidden", ndim=None):
     """Shapes, dtypes, devices of a (hidden, weight, targets, bias) linear-head problem. Returns (N, D, V).
-    device / device_of: where hidden itself must live (a second head checked against the first)."""
+    device / device_of: where hidden itself must live (a second head checked against the first); ndim: hidden's
+    exact number of dimensions, if the caller needs one."""
     dtypes = FLOAT_DTYPES + ((torch.float64,) if allow_fp64 else ())
-    check_tensor(hidden_name, hidden, min_ndim=1, dtypes=dtypes, device=device, device_of=device_of)
+    check_tensor(hidden_name, hidden, ndim=ndim, min_ndim=1, dtypes=dtypes, device=device, device_of=device_of)
     device = hidden.device
     check_tensor(head, weight, ndim=2, dtypes=dtypes, device=device, device_of=hidden_name)
     if weight.dtype != hidden.dtype:

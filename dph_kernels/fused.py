@@ -29,7 +29,7 @@ import torch
 
 from . import _checks
 from . import reference as ref
-from .linear_logprob import linear_logprob
+from .linear_logprob import linear_logprob, logprob_core
 from .losses import _check_agg, _check_clip, _check_kind, masked_max, masked_mean
 
 PRESETS = {
@@ -113,7 +113,13 @@ class _ChunkedTorchLoss(torch.autograd.Function):
                 cfg):
         from .reference import head_slope
         from .linear_logprob import (_tile_logits, chunk_accumulate_grads, chunk_dlogits_, chunk_stats_, chunks,
-                                     compute_dtype, grad_buffers)
+                                     compute_dtype, grad_buffers, rows_with_loss, scatter_rows)
+        rows, _ = rows_with_loss(valid)
+        n_all = h.shape[0]
+        if rows is not None:  # rows without loss never enter a matmul
+            h, safe_t, valid = h.index_select(0, rows), safe_t[rows], valid[rows]
+            token_inputs = [None if x is None else x[rows] for x in token_inputs]
+            masks = [m[rows] for m in masks]
         N, V = h.shape[0], weight.shape[0]
         cdt = compute_dtype(h.dtype)
         logp = torch.zeros(N, dtype=cdt, device=h.device)
@@ -153,6 +159,11 @@ class _ChunkedTorchLoss(torch.autograd.Function):
         loss = contrib.sum()
         if w_ent is not None:
             loss = loss + _weighted_sum(w_ent, entropy)
+        if rows is not None:  # back to every row: what a row without loss gives (ratio 1, everything else 0)
+            logp, contrib, flags, kl, div = (scatter_rows(x, rows, n_all) for x in (logp, contrib, flags, kl, div))
+            ratio = scatter_rows(ratio, rows, n_all, 1.0)
+            entropy = None if entropy is None else scatter_rows(entropy, rows, n_all)
+            dh = None if dh is None else scatter_rows(dh, rows, n_all)
         if need_grad:  # kept on ctx, not saved: backward hands them out (scaled) exactly once
             ctx.grads = (dh, dW.to(weight.dtype), None if db is None else db.to(bias.dtype))
         ctx.mark_non_differentiable(logp, contrib, ratio, flags, kl, div, *([entropy] if need_entropy else []))
@@ -169,11 +180,10 @@ class _ChunkedTorchLoss(torch.autograd.Function):
         return dh, dW, db, *([None] * 9)
 
 
-def _chunked_torch_loss(hidden, weight, bias, tgt, cfg, need_entropy, token_inputs, masks):
-    from .linear_logprob import prepare_linear_inputs
-    h, w, safe_t, valid, pre, post = prepare_linear_inputs(hidden, weight, tgt, bias, cfg["temperature"],
-                                                           cfg["ignore_index"], "torch", cfg["softcap"],
-                                                           cfg["logit_scale"])
+def _chunked_torch_loss(hidden, weight, bias, tgt, cfg, head, need_entropy, token_inputs, masks):
+    from .linear_logprob import flat_linear_inputs
+    h, w, safe_t, valid = flat_linear_inputs(hidden, weight, tgt, cfg["ignore_index"])
+    pre, post = head
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or
                                              (bias is not None and bias.requires_grad))
     return _ChunkedTorchLoss.apply(h, w, bias, safe_t, valid, pre, post, need_entropy, need_grad, token_inputs,
@@ -309,7 +319,7 @@ class FusedLinearDPHLoss(torch.nn.Module):
             targets (0 at unmasked positions) - log pi_old for a later PPO epoch.
         """
         cfg = self.cfg
-        B, T, tok_exp, tok_pef, tok = self._check(hidden, weight, targets, loss_mask, is_pef, bias,
+        B, T, tok_exp, tok_pef, tok, shard = self._check(hidden, weight, targets, loss_mask, is_pef, bias,
                                                   (ref_hidden, ref_weight, ref_bias))
         exact = cfg["divergence_mode"] == "exact"
         has_exp, has_pef = bool(tok_exp.any()), bool(tok_pef.any())
@@ -353,12 +363,16 @@ class FusedLinearDPHLoss(torch.nn.Module):
         if impl == "torch" and not self.vp:
             # CPU path: the gradient is computed in the forward pass, chunk by chunk (three matmuls, no recompute).
             loss, logp, entropy, contrib, ratio, flags, kl, div = _chunked_torch_loss(
-                hidden, weight, bias, tgt, cfg, need_entropy, token_inputs, masks)
-        else:
+                hidden, weight, bias, tgt, cfg, self._head(), need_entropy, token_inputs, masks)
+        elif impl == "reference":  # the materializing test path, with its own checks
             out = linear_logprob(hidden, weight, tgt, bias=bias, temperature=cfg["temperature"],
                                  ignore_index=cfg["ignore_index"], return_entropy=need_entropy, impl=impl,
-                                 softcap=cfg["softcap"], logit_scale=cfg["logit_scale"], **self.vp)
+                                 softcap=cfg["softcap"], logit_scale=cfg["logit_scale"])
             logp, entropy = out if need_entropy else (out, None)
+        else:
+            logp, entropy = logprob_core(hidden, weight, tgt, bias, *self._head(), cfg["ignore_index"], need_entropy,
+                                         impl, shard)
+        if impl != "torch" or self.vp:
             flat_logp = logp.reshape(-1)
             args = _fill_inputs(flat_logp, token_inputs, masks)
             if impl == "triton":
@@ -374,14 +388,20 @@ class FusedLinearDPHLoss(torch.nn.Module):
         entropy = None if entropy is None else entropy.reshape(B, T)
         lp0 = logp.detach()
         old = lp0 if old is None else torch.where(tok_exp, old, lp0)  # for the metrics
-        if exact and has_pef:
+        if exact and has_pef and impl == "reference":  # the materializing test path, with its own checks
             from .linear_divergence import linear_f_divergence
             div = linear_f_divergence(hidden, weight, ref_hidden, ref_weight, kind=cfg["divergence"],
                                       alpha=cfg["alpha"], bias=bias, ref_bias=ref_bias,
-                                      temperature=cfg["temperature"], mask=tok_pef, impl=cfg["impl"],
+                                      temperature=cfg["temperature"], mask=tok_pef, impl=impl,
                                       softcap=cfg["softcap"], logit_scale=cfg["logit_scale"],
-                                      ref_softcap=cfg["ref_softcap"], ref_logit_scale=cfg["ref_logit_scale"],
-                                      **self.vp)
+                                      ref_softcap=cfg["ref_softcap"], ref_logit_scale=cfg["ref_logit_scale"])
+        elif exact and has_pef:
+            from .linear_divergence import f_divergence_core
+            heads = (*self._head(), *ref.head_factors(cfg["ref_softcap"], cfg["ref_logit_scale"],
+                                                      cfg["temperature"]))
+            div = f_divergence_core(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, tok_pef, heads,
+                                    cfg["divergence"], cfg["alpha"], impl, shard=shard)
+        if exact and has_pef:
             if cfg["divergence_clamp"] is not None:
                 div = torch.clamp(div, *cfg["divergence_clamp"])
             loss = loss + _weighted_sum(w_pef, div)
@@ -393,11 +413,14 @@ class FusedLinearDPHLoss(torch.nn.Module):
 
     # ---------------------------------------------------------------------------------------------------- helpers
     def _check(self, hidden, weight, targets, loss_mask, is_pef, bias, ref):
-        """hidden (B, T, D), targets / loss_mask (B, T), is_pef (B,); weight and bias are checked by the log-prob
-        path, the reference head here (when given). Returns B, T and the token masks."""
-        _checks.check_tensor("hidden", hidden, ndim=3, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
+        """Every input, once: hidden (B, T, D), weight, bias, targets (B, T) and their range, loss_mask, is_pef (B,),
+        the reference head (when given); the paths below trust them. Returns B, T and the token masks."""
+        _checks.check_linear_inputs(hidden, weight, targets, bias, allow_fp64=True, ndim=3)
         B, T, _ = hidden.shape
-        _checks.check_linear_inputs(hidden, weight, targets, bias, allow_fp64=True)
+        from .distributed import vocab_shard
+        shard = vocab_shard(self.vp.get("process_group"), weight, self.vp.get("vocab_size"))
+        _checks.check_targets_range(targets, weight.shape[0] if shard is None else shard.vocab_size,
+                                    self.cfg["ignore_index"])
         loss_mask = _checks.check_mask("loss_mask", loss_mask, shape=(B, T), shape_of="targets", device=hidden.device)
         _checks.check_tensor("is_pef", is_pef, shape=(B,), shape_of="hidden's batch", device=hidden.device,
                              dtypes=(torch.bool,))
@@ -411,7 +434,11 @@ class FusedLinearDPHLoss(torch.nn.Module):
             _checks.check_ref_head(hidden, weight.shape[0], ref_hidden, ref_weight, ref_bias, allow_fp64=True)
         tok = loss_mask & (targets != self.cfg["ignore_index"])
         tok_pef = tok & is_pef[:, None]
-        return B, T, tok & ~is_pef[:, None], tok_pef, tok
+        return B, T, tok & ~is_pef[:, None], tok_pef, tok, shard
+
+    def _head(self):
+        """The policy head's (pre, post) factors (reference.head_factors)."""
+        return ref.head_factors(self.cfg["softcap"], self.cfg["logit_scale"], self.cfg["temperature"])
 
     @staticmethod
     def _pick(name, x, targets):

@@ -19,7 +19,7 @@ import torch
 
 from . import _checks
 from . import reference as ref
-from .linear_logprob import _tile_logits, compute_dtype, tiles
+from .linear_logprob import _tile_logits, compute_dtype, rows_with_loss, scatter_rows, tiles
 from .losses import _check_kind
 
 # Forward: rows in chunks whose two [rows, V] logit buffers fit CHUNK_BYTES (the rest of its work goes in column
@@ -200,7 +200,12 @@ class LinearFDivergenceFunction(torch.autograd.Function):
     the divergence is the whole-vocabulary one and dh (and drh) are summed over the group."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha, impl, shard=None):
+    def forward(ctx, h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha, impl, shard=None,
+                chunk_cols=None):
+        (rows, ctx.any_loss), n_all = rows_with_loss(valid), h.shape[0]
+        h_all, rh_all = h, rh
+        if rows is not None:  # masked-out rows never enter a matmul
+            h, rh, valid = h.index_select(0, rows), rh.index_select(0, rows), valid[rows]
         w, b, rw, rb = _real_rows(shard, weight, bias, rweight, rbias)
         if w.shape[0] == 0:  # a shard wholly past the vocabulary: only the group's statistics to join
             div, stats = _empty_shard_forward(shard, h, valid)
@@ -209,15 +214,23 @@ class LinearFDivergenceFunction(torch.autograd.Function):
             div, stats = tk.forward(h, w, b, rh, rw, rb, valid, heads, kind, alpha, shard)
         else:
             div, stats = torch_forward(h, w, b, rh, rw, rb, valid, heads, kind, alpha, shard)
-        ctx.save_for_backward(h, weight, bias, rh, rweight, rbias, valid, div, *(stats or ()))
-        ctx.args = (heads, kind, alpha, impl, shard)
-        return div
+        # The callers' h and rh are saved whole (no copies held): backward gathers their rows again.
+        ctx.save_for_backward(h_all, weight, bias, rh_all, rweight, rbias, valid, div, rows, *(stats or ()))
+        ctx.args = (heads, kind, alpha, impl, shard, chunk_cols)
+        return div if rows is None else scatter_rows(div, rows, n_all)
 
     @staticmethod
     def backward(ctx, g):
-        h, weight, bias, rh, rweight, rbias, valid, div, *stats = ctx.saved_tensors
-        heads, kind, alpha, impl, shard = ctx.args
+        h_all, weight, bias, rh_all, rweight, rbias, valid, div, rows, *stats = ctx.saved_tensors
+        heads, kind, alpha, impl, shard, chunk_cols = ctx.args
         need_ref = any(ctx.needs_input_grad[3:6])
+        if not ctx.any_loss:  # every row masked out (the same on every rank of a group)
+            zeros = [None if x is None or not need else torch.zeros_like(x)
+                     for x, need in zip((h_all, weight, bias, rh_all, rweight, rbias), ctx.needs_input_grad)]
+            return (*zeros, *([None] * 7))
+        h, rh = h_all, rh_all
+        if rows is not None:
+            h, rh, g = h_all.index_select(0, rows), rh_all.index_select(0, rows), g[rows]
         w, b, rw, rb = _real_rows(shard, weight, bias, rweight, rbias)
         vp = shard is not None
         if w.shape[0] == 0:
@@ -226,19 +239,24 @@ class LinearFDivergenceFunction(torch.autograd.Function):
                 [None] * 3
         elif impl == "triton":
             from . import linear_divergence_triton as tk
-            grads = tk.backward(h, w, b, rh, rw, rb, valid, div, stats, g, heads, kind, alpha, need_ref, vp)
+            grads = tk.backward(h, w, b, rh, rw, rb, valid, div, stats, g, heads, kind, alpha, need_ref, vp,
+                                chunk_cols)
         else:
             grads = torch_backward(h, w, b, rh, rw, rb, valid, stats, g, heads, kind, alpha, need_ref, vp)
+        grads = list(grads)
         if vp:
             from .distributed import all_reduce_sum, pad_rows
-            grads = list(grads)
             for i, x, full in ((0, h, None), (1, weight, weight), (2, bias, bias), (3, rh, None),
                                (4, rweight, rweight), (5, rbias, rbias)):
                 if i >= 3 and not need_ref or x is None:
                     continue
                 grads[i] = all_reduce_sum(shard, grads[i])[0].to(x.dtype) if full is None else pad_rows(grads[i],
                                                                                                       full)
-        return (*grads, None, None, None, None, None, None)
+        if rows is not None:
+            for i in (0, 3):
+                if grads[i] is not None:
+                    grads[i] = scatter_rows(grads[i], rows, h_all.shape[0])
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _real_rows(shard, *tensors):
@@ -261,7 +279,8 @@ def _empty_shard_forward(shard, h, valid):
 
 def linear_f_divergence(hidden, weight, ref_hidden, ref_weight, *, kind="fkl", alpha=0.5, bias=None, ref_bias=None,
                         temperature=1.0, mask=None, ref_requires_grad=False, impl="auto", softcap=None,
-                        logit_scale=1.0, ref_softcap=None, ref_logit_scale=1.0, process_group=None, vocab_size=None):
+                        logit_scale=1.0, ref_softcap=None, ref_logit_scale=1.0, process_group=None, vocab_size=None,
+                        chunk_cols=None):
     """Per-position exact D_f(pi_theta || pi_ref) between softmax(hidden W^T + b)/T and softmax(ref_hidden W_ref^T
     + b_ref)/T, summed over the whole vocabulary, without [tokens x vocab] buffers.
 
@@ -296,20 +315,31 @@ def linear_f_divergence(hidden, weight, ref_hidden, ref_weight, *, kind="fkl", a
         raise ValueError("process_group needs impl 'auto', 'torch' or 'triton' (the reference materializes one head)")
     from .distributed import vocab_shard
     shard = vocab_shard(process_group, weight, vocab_size)
-    if not ref_requires_grad:
-        ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
-        ref_bias = None if ref_bias is None else ref_bias.detach()
     if impl == "reference":
+        if not ref_requires_grad:
+            ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+            ref_bias = None if ref_bias is None else ref_bias.detach()
         out = ref.linear_f_divergence(hidden, weight, ref_hidden, ref_weight, kind, alpha, bias, ref_bias,
                                       temperature, mask.bool(), softcap, logit_scale, ref_softcap, ref_logit_scale)
         return out if hidden.dtype == torch.float64 else out.float()
-    h = hidden.reshape(N, D).contiguous()
-    rh = ref_hidden.reshape(N, Dr).contiguous()
+    heads = (*ref.head_factors(softcap, logit_scale, temperature),
+             *ref.head_factors(ref_softcap, ref_logit_scale, temperature))
+    return f_divergence_core(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, heads, kind, alpha, impl,
+                             ref_requires_grad, shard, chunk_cols)
+
+
+def f_divergence_core(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, mask, heads, kind, alpha, impl,
+                      ref_requires_grad=False, shard=None, chunk_cols=None):
+    """linear_f_divergence after its checks (also the fused loss's entry): mask bool of hidden's leading shape,
+    heads = both heads' (pre, post) factors. Returns fp32 (or fp64) D_f of hidden's leading shape."""
+    if not ref_requires_grad:
+        ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+        ref_bias = None if ref_bias is None else ref_bias.detach()
+    lead = hidden.shape[:-1]
+    h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    rh = ref_hidden.reshape(-1, ref_hidden.shape[-1]).contiguous()
     div = LinearFDivergenceFunction.apply(h, weight.contiguous(), bias, rh, ref_weight.contiguous(), ref_bias,
-                                          mask.reshape(N).bool(),
-                                          (*ref.head_factors(softcap, logit_scale, temperature),
-                                           *ref.head_factors(ref_softcap, ref_logit_scale, temperature)),
-                                          kind, alpha, impl, shard)
+                                          mask.reshape(-1), heads, kind, alpha, impl, shard, chunk_cols)
     if hidden.dtype != torch.float64:
         div = div.float()
     return div.reshape(lead)

@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from ._checks import interpreter_on
-from .linear_logprob_triton import (_config, _logit_tile, _vocab_splits, dot_precision, head_slope, merge_logsumexp,
-                                    online_logsumexp, scatter_grads, tile_of_program)
+from .linear_logprob_triton import (_config, _logit_tile, _vocab_splits, dot_precision, head_grads, head_slope,
+                                    merge_logsumexp, online_logsumexp, tile_of_program)
 from .token_loss_triton import KIND_IDS, f_and_grad
 
 
@@ -101,13 +101,15 @@ def _div_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Dout, Cout, N, V, D, Dr, v
 
 
 @triton.jit
-def _div_backward_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Div, C, G, Valid, dH, dW, dB, dHr, dWr, dBr,
-                         N, V, D, Dr, pre, post, pre_r, post_r, alpha,
-                         KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr, NEED_REF: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                         SOFTCAP_R: tl.constexpr):
-    rows, cols, row_mask, col_mask = tile_of_program(N, V, BLOCK_N, BLOCK_V, GROUP)
+def _div_dlogit_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Div, C, G, dZ, dZr, N, v0, v1, D, Dr, stride_dz,
+                       pre, post, pre_r, post_r, alpha,
+                       KIND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RBIAS: tl.constexpr, NEED_REF: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+                       SOFTCAP_R: tl.constexpr):
+    """dZ (and dZr) [:, :v1 - v0] = both heads' dlogits of vocabulary columns [v0, v1), each tile written once."""
+    rows, local, row_mask, col_mask = tile_of_program(N, v1 - v0, BLOCK_N, BLOCK_V, GROUP)
+    cols = v0 + local
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
     lse_r = tl.load(LseR + rows, mask=row_mask, other=0.0)
     p, f, phi, q, slope, slope_r = _tile_terms(H, W, Bias, Hr, Wr, BiasR, rows, cols, row_mask, col_mask, lse, lse_r,
@@ -115,19 +117,14 @@ def _div_backward_kernel(H, W, Bias, Hr, Wr, BiasR, Lse, LseR, Div, C, G, Valid,
                                                BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION, SOFTCAP, SOFTCAP_R)
     c = tl.load(C + rows, mask=row_mask, other=0.0)
     g = tl.load(G + rows, mask=row_mask, other=0.0)
-    valid = tl.load(Valid + rows, mask=row_mask, other=0) != 0
-    keep = (valid & row_mask)[:, None] & col_mask[None, :]
+    keep = row_mask[:, None] & col_mask[None, :]
+    out = rows.to(tl.int64)[:, None] * stride_dz + local[None, :]
     dz = tl.where(keep, g[:, None] * (phi - p * c[:, None]) * slope, 0.0)
-    if HAS_BIAS:
-        tl.atomic_add(dB + cols, tl.sum(dz, axis=0), mask=col_mask)
-    scatter_grads(dz, H, W, dH, dW, rows, cols, row_mask, col_mask, valid, D, True, BLOCK_D, UPCAST, DOT_PRECISION)
+    tl.store(dZ + out, dz.to(dZ.dtype.element_ty), mask=keep)
     if NEED_REF:
         dv = tl.load(Div + rows, mask=row_mask, other=0.0)
         dzr = tl.where(keep, g[:, None] * (f - phi - q * (dv - c)[:, None]) * slope_r, 0.0)
-        if HAS_RBIAS:
-            tl.atomic_add(dBr + cols, tl.sum(dzr, axis=0), mask=col_mask)
-        scatter_grads(dzr, Hr, Wr, dHr, dWr, rows, cols, row_mask, col_mask, valid, Dr, True, BLOCK_D, UPCAST,
-                      DOT_PRECISION)
+        tl.store(dZr + out, dzr.to(dZr.dtype.element_ty), mask=keep)
 
 
 def _head_args(heads):
@@ -173,31 +170,29 @@ def forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha, shar
     return div, (lse, lse_r, c)
 
 
-def backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, heads, kind, alpha, need_ref, dh_fp32=False):
+def backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, heads, kind, alpha, need_ref, dh_fp32=False,
+             chunk_cols=None):
+    """Per vocabulary chunk the dlogit kernel (both heads' dlogits when need_ref), then the chunk's GEMMs
+    (linear_logprob_triton.head_grads). Every row must be valid (the Function compacts them away first)."""
     lse, lse_r, c = stats
     N, D = h.shape
-    Dr, V = rh.shape[1], weight.shape[0]
+    Dr = rh.shape[1]
     cfg = _config("div_bwd", h.dtype)
-    f32 = dict(dtype=torch.float32, device=h.device)
-    g = torch.where(valid, g.float(), torch.zeros((), **f32)).contiguous()
-    dh, dW = torch.zeros(N, D, **f32), torch.zeros(V, D, **f32)
-    db = torch.zeros(V, **f32) if bias is not None else dh
-    if need_ref:
-        drh, drW = torch.zeros(N, Dr, **f32), torch.zeros(V, Dr, **f32)
-        drb = torch.zeros(V, **f32) if rbias is not None else drh
-    else:
-        drh = drW = drb = dh
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
-    _div_backward_kernel[grid](
-        h, weight, bias if bias is not None else h, rh, rweight, rbias if rbias is not None else rh,
-        lse, lse_r, div, c, g, valid.to(torch.int8), dh, dW, db, drh, drW, drb, N, V, D, Dr,
-        *_head_args(heads)[0], alpha, KIND=KIND_IDS[kind], HAS_BIAS=bias is not None, HAS_RBIAS=rbias is not None,
-        NEED_REF=need_ref, GROUP=8, UPCAST=interpreter_on(), DOT_PRECISION=dot_precision(h), **_head_args(heads)[1],
-        **cfg)
+    g = torch.where(valid, g.float(), torch.zeros((), dtype=torch.float32, device=h.device)).contiguous()
+    head, flags = _head_args(heads)
+
+    def fill(v0, v1, dz):
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(v1 - v0, cfg["BLOCK_V"]),)
+        _div_dlogit_kernel[grid](
+            h, weight, bias if bias is not None else h, rh, rweight, rbias if rbias is not None else rh,
+            lse, lse_r, div, c, g, dz[0], dz[-1], N, v0, v1, D, Dr, dz[0].stride(0), *head, alpha,
+            KIND=KIND_IDS[kind], HAS_BIAS=bias is not None, HAS_RBIAS=rbias is not None, NEED_REF=need_ref,
+            GROUP=8, UPCAST=interpreter_on(), DOT_PRECISION=dot_precision(h), **flags, **cfg)
+
+    policy = (h, weight, bias, True)
+    grads = head_grads([policy, (rh, rweight, rbias, True)] if need_ref else [policy], fill, chunk_cols)
     h_dtype = torch.float32 if dh_fp32 else h.dtype
-    out = [dh.to(h_dtype), dW.to(weight.dtype), db.to(bias.dtype) if bias is not None else None]
-    if need_ref:
-        out += [drh.to(h_dtype), drW.to(rweight.dtype), drb.to(rbias.dtype) if rbias is not None else None]
-    else:
-        out += [None, None, None]
-    return out
+    out = []
+    for dh, dW, db in grads:
+        out += [dh.to(h_dtype), dW, db]
+    return out + [None, None, None] * (2 - len(grads))

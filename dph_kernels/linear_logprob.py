@@ -354,7 +354,12 @@ class LinearLogprobFunction(torch.autograd.Function):
     whole-vocabulary ones and dh is summed over the group."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, valid, inv_temp, with_entropy, impl, post=None, shard=None):
+    def forward(ctx, h, weight, bias, targets, valid, inv_temp, with_entropy, impl, post=None, shard=None,
+                chunk_cols=None):
+        (rows, ctx.any_loss), n_all = rows_with_loss(valid), h.shape[0]
+        h_all = h
+        if rows is not None:  # rows without loss never enter a matmul (their outputs are 0, their gradients 0)
+            h, targets, valid = h.index_select(0, rows), targets[rows], valid[rows]
         w, b, mine = weight, bias, None
         if shard is not None:
             from .distributed import local_targets
@@ -381,16 +386,28 @@ class LinearLogprobFunction(torch.autograd.Function):
             stats = (lse, S)
         else:
             stats = (shift + total.log(), None if moment is None else shift + moment / total)
-        ctx.save_for_backward(h, weight, bias, targets, valid, entropy, *stats)
-        ctx.inv_temp, ctx.impl, ctx.post, ctx.shard = inv_temp, impl, post, shard
+        # h is saved whole (the caller's tensor, no copy held): backward gathers its rows again.
+        ctx.save_for_backward(h_all, weight, bias, targets, valid, entropy, rows, *stats)
+        ctx.inv_temp, ctx.impl, ctx.post, ctx.shard, ctx.chunk_cols = inv_temp, impl, post, shard, chunk_cols
+        if rows is not None:
+            logp = scatter_rows(logp, rows, n_all)
+            entropy = None if entropy is None else scatter_rows(entropy, rows, n_all)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        h, weight, bias, targets, valid, entropy, *stats = ctx.saved_tensors
+        h_all, weight, bias, targets, valid, entropy, rows, *stats = ctx.saved_tensors
         shard = ctx.shard
+        if not ctx.any_loss:  # every row ignored (the same on every rank of a group): nothing to compute
+            return (torch.zeros_like(h_all), torch.zeros_like(weight) if ctx.needs_input_grad[1] else None,
+                    None if bias is None else torch.zeros_like(bias), *([None] * 8))
+        h = h_all if rows is None else h_all.index_select(0, rows)
         if g_logp is None:
             g_logp = torch.zeros(h.shape[0], dtype=stats[0].dtype, device=h.device)
+        elif rows is not None:
+            g_logp = g_logp[rows]
+        if g_ent is not None and rows is not None:
+            g_ent = g_ent[rows]
         w, b = weight, bias
         if shard is not None:
             w, b = weight[:shard.real], None if bias is None else bias[:shard.real]
@@ -400,7 +417,7 @@ class LinearLogprobFunction(torch.autograd.Function):
             from . import linear_logprob_triton as tk
             dh, dW, db = tk.backward(h, w, b, targets, valid, *stats, g_logp, g_ent, ctx.inv_temp,
                                      need_weight_grad=ctx.needs_input_grad[1], post=ctx.post,
-                                     dh_fp32=shard is not None)
+                                     dh_fp32=shard is not None, chunk_cols=ctx.chunk_cols)
         else:
             dh, dW, db = torch_backward(h, w, b, targets, valid, *stats, entropy, g_logp, g_ent,
                                         ctx.inv_temp, ctx.post, dh_fp32=shard is not None)
@@ -409,7 +426,27 @@ class LinearLogprobFunction(torch.autograd.Function):
             dh = all_reduce_sum(shard, dh)[0].to(h.dtype)
             dW = pad_rows(dW, weight) if ctx.needs_input_grad[1] else None
             db = None if bias is None else pad_rows(db, bias)
-        return dh, dW, db, None, None, None, None, None, None, None
+        if rows is not None:
+            dh = scatter_rows(dh, rows, h_all.shape[0])
+        return dh, dW, db, None, None, None, None, None, None, None, None
+
+
+def rows_with_loss(valid):
+    """(rows, any): rows = the indices of the rows that carry a loss when some but not all do, else None; any =
+    whether any row does. The ops compact their inputs to these rows before any matmul, so prompt, padding and
+    ignore_index positions cost nothing. With no valid row nothing is compacted: the forward zeroes such rows itself
+    (and still joins a vocab-parallel group's collectives, which every rank reaches with the same mask) and the
+    backward returns zeros."""
+    n_valid = int(valid.sum())  # one sync, as the range check already has
+    if n_valid in (0, valid.numel()):
+        return None, n_valid > 0
+    return valid.nonzero().squeeze(1), True
+
+
+def scatter_rows(x, rows, n, fill=0.0):
+    """x (len(rows), ...) written at `rows` of a new (n, ...) tensor of `fill` (indices unique: a plain copy)."""
+    out = torch.full((n, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
+    return out.index_copy_(0, rows, x)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -417,31 +454,34 @@ class LinearLogprobFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def prepare_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index, impl="torch", softcap=None,
-                          logit_scale=1.0, vocab_size=None):
-    """Checks, then flat contiguous h (N, D), weight, safe targets (ignored -> 0), valid mask and the head's
-    (pre, post) factors (reference.head_factors: pre = logit_scale / temperature and post None without a softcap).
-    vocab_size: the range of the targets when weight is one vocabulary shard (default: weight's rows)."""
-    N, D, V = _checks.check_linear_inputs(hidden, weight, targets, bias, allow_fp64=impl == "torch")
-    V = V if vocab_size is None else vocab_size
-    temperature = _checks.check_temperature(temperature)
-    softcap, logit_scale = _checks.check_head(softcap, logit_scale)
-    if impl == "triton" and hidden.dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"hidden has dtype {hidden.dtype}; impl='triton' supports float32, bfloat16, float16")
-    _checks.check_targets_range(targets, V, ignore_index)
-    h = hidden.reshape(N, D)
+def flat_linear_inputs(hidden, weight, targets, ignore_index):
+    """Checked inputs as the Functions take them: flat contiguous h (N, D), weight, safe targets (ignored -> 0) and
+    the valid mask."""
+    D = hidden.shape[-1]
+    h = hidden.reshape(-1, D)
     if not h.is_contiguous():
         h = h.contiguous()
     w = weight if weight.is_contiguous() else weight.contiguous()
-    t = targets.reshape(N)
+    t = targets.reshape(-1)
     valid = t != ignore_index
-    safe_t = torch.where(valid, t, torch.zeros_like(t)).long()
-    return h, w, safe_t, valid, *head_factors(softcap, logit_scale, temperature)
+    return h, w, torch.where(valid, t, torch.zeros_like(t)).long(), valid
+
+
+def logprob_core(hidden, weight, targets, bias, pre, post, ignore_index, return_entropy, impl, shard=None,
+                 chunk_cols=None):
+    """linear_logprob after its checks (also the fused loss's entry): (logp, entropy or None) of targets' shape."""
+    h, w, safe_t, valid = flat_linear_inputs(hidden, weight, targets, ignore_index)
+    logp, entropy = LinearLogprobFunction.apply(h, w, bias, safe_t, valid, pre, return_entropy, impl, post, shard,
+                                                chunk_cols)
+    if hidden.dtype != torch.float64:
+        logp = logp.float()
+    lead = targets.shape
+    return logp.reshape(lead), None if entropy is None else entropy.reshape(lead)
 
 
 def linear_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                    return_entropy=False, impl="auto", softcap=None, logit_scale=1.0, process_group=None,
-                   vocab_size=None):
+                   vocab_size=None, chunk_cols=None):
     """Per-token log pi(target) (and entropy) of softmax(z), z = softcap(logit_scale * (hidden @ weight.T + bias))
     / temperature, softcap(x) = cap * tanh(x / cap).
 
@@ -465,6 +505,8 @@ def linear_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
             are the whole-vocabulary ones on every rank; hidden's gradient is summed over the group inside backward
             (complete on every rank), weight's and bias's are this shard's. O(N) floats cross ranks, never logits.
         vocab_size: with process_group, the global V when the last shard is padded (default world * V_shard).
+        chunk_cols: impl="triton" only: vocabulary columns per backward chunk (its [N, chunk_cols] dlogit buffer);
+            default: as many as linear_logprob_triton.DLOGIT_CHUNK_BYTES (192 MiB) allows.
 
     Returns:
         fp32 tensor(s) of targets' shape: logp, or (logp, entropy). Differentiable w.r.t. hidden, weight and bias
@@ -472,26 +514,22 @@ def linear_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         the other tokens' outputs untouched (the weight gradient is NaN if such a token has a nonzero gradient, as
         the math says).
     """
-    impl = _checks.resolve_impl(impl, _checks.check_tensor("hidden", hidden).device)
+    _checks.check_impl(impl)
+    _checks.check_linear_inputs(hidden, weight, targets, bias, allow_fp64=True)
+    impl = _checks.resolve_impl(impl, hidden.device)
+    if impl == "triton" and hidden.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"hidden has dtype {hidden.dtype}; impl='triton' supports float32, bfloat16, float16")
     if process_group is not None and impl == "reference":
         raise ValueError("process_group needs impl 'auto', 'torch' or 'triton' (the reference materializes one head)")
-    if impl == "reference":
-        _checks.check_linear_inputs(hidden, weight, targets, bias, allow_fp64=True)
-        _checks.check_targets_range(targets, weight.shape[0], ignore_index)
-        softcap, logit_scale = _checks.check_head(softcap, logit_scale)
-        out = _reference_linear_logprob(hidden, weight, targets, bias, _checks.check_temperature(temperature),
-                                        ignore_index, return_entropy, softcap, logit_scale)
-        return tuple(o.float() for o in out) if return_entropy else out.float()
+    temperature = _checks.check_temperature(temperature)
+    softcap, logit_scale = _checks.check_head(softcap, logit_scale)
     from .distributed import vocab_shard
     shard = vocab_shard(process_group, weight, vocab_size)
-    h, w, safe_t, valid, pre, post = prepare_linear_inputs(hidden, weight, targets, bias, temperature, ignore_index,
-                                                           impl, softcap, logit_scale,
-                                                           None if shard is None else shard.vocab_size)
-    lead = targets.shape
-    logp, entropy = LinearLogprobFunction.apply(h, w, bias, safe_t, valid, pre, return_entropy, impl, post, shard)
-    if hidden.dtype != torch.float64:
-        logp = logp.float()
-    logp = logp.reshape(lead)
-    if return_entropy:
-        return logp, entropy.reshape(lead)
-    return logp
+    _checks.check_targets_range(targets, weight.shape[0] if shard is None else shard.vocab_size, ignore_index)
+    if impl == "reference":
+        out = _reference_linear_logprob(hidden, weight, targets, bias, temperature, ignore_index, return_entropy,
+                                        softcap, logit_scale)
+        return tuple(o.float() for o in out) if return_entropy else out.float()
+    logp, entropy = logprob_core(hidden, weight, targets, bias, *head_factors(softcap, logit_scale, temperature),
+                                 ignore_index, return_entropy, impl, shard, chunk_cols)
+    return (logp, entropy) if return_entropy else logp

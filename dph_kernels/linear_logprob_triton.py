@@ -122,31 +122,39 @@ def _forward_kernel(H, W, Bias, Targets, M_out, S_out, T_out, Zt_out,
 
 
 @triton.jit
-def _backward_kernel(H, W, Bias, Targets, Lse, Sz, G_logp, G_ent, dH, dW, dBias,
-                     N, V, D, inv_temp, post,
-                     HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, NEED_DW: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
-    rows, cols, row_mask, col_mask = tile_of_program(N, V, BLOCK_N, BLOCK_V, GROUP)
+def dlogit_tile(z, cols, col_mask, target, lse, S, g_logp, g_ent, inv_temp, post, WITH_ENTROPY: tl.constexpr,
+                SOFTCAP: tl.constexpr):
+    """d loss / d raw logit of one [rows, cols] tile from its logits z (padded columns: z = -inf, dz = 0):
+    dz = g_l (1[v=y] - p) - g_H p (z - S), times d z / d a of the head (reference.head_slope)."""
+    p = tl.exp(z - lse[:, None])  # 0 on padded columns
+    dz = g_logp[:, None] * (tl.where(cols[None, :] == target[:, None], 1.0, 0.0) - p)
+    if WITH_ENTROPY:
+        dz -= g_ent[:, None] * p * tl.where(col_mask[None, :], z - S[:, None], 0.0)
+    return tl.where(col_mask[None, :], dz * head_slope(z, inv_temp, post, SOFTCAP), 0.0)
+
+
+@triton.jit
+def _dlogit_kernel(H, W, Bias, Targets, Lse, Sz, G_logp, G_ent, dZ, N, v0, v1, D, stride_dz, inv_temp, post,
+                   HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
+    """dZ[:, :v1 - v0] = the dlogits of vocabulary columns [v0, v1): one program per (row block, column block)
+    tile recomputes the tile's logits and writes its dlogits once, in dZ's dtype (no atomics)."""
+    rows, local, row_mask, col_mask = tile_of_program(N, v1 - v0, BLOCK_N, BLOCK_V, GROUP)
+    cols = v0 + local
     z = _logit_tile(H, W, Bias, rows, cols, row_mask, col_mask, D, inv_temp, post,
                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, DOT_PRECISION, SOFTCAP)
     lse = tl.load(Lse + rows, mask=row_mask, other=0.0)
     g_l = tl.load(G_logp + rows, mask=row_mask, other=0.0)
     target = tl.load(Targets + rows, mask=row_mask, other=-1)
-    p = tl.exp(z - lse[:, None])  # 0 on padded columns (z = -inf)
-    dz = g_l[:, None] * (tl.where(cols[None, :] == target[:, None], 1.0, 0.0) - p)
     if WITH_ENTROPY:
         g_h = tl.load(G_ent + rows, mask=row_mask, other=0.0)
         s_z = tl.load(Sz + rows, mask=row_mask, other=0.0)
-        dz -= g_h[:, None] * p * tl.where(col_mask[None, :], z - s_z[:, None], 0.0)
-    # Ignored rows arrive with g = 0 and valid = False; the where keeps a NaN hidden state in them out of dW.
-    valid = target >= 0
-    dz = tl.where(valid[:, None] & row_mask[:, None] & col_mask[None, :], dz * head_slope(z, inv_temp, post, SOFTCAP),
-                  0.0)
-    if HAS_BIAS:
-        tl.atomic_add(dBias + cols, tl.sum(dz, axis=0), mask=col_mask)
-    scatter_grads(dz, H, W, dH, dW, rows, cols, row_mask, col_mask, valid, D, NEED_DW, BLOCK_D, UPCAST,
-                  DOT_PRECISION)
+    else:
+        g_h, s_z = g_l, lse  # unused
+    dz = dlogit_tile(z, cols, col_mask, target, lse, s_z, g_l, g_h, inv_temp, post, WITH_ENTROPY, SOFTCAP)
+    tl.store(dZ + rows.to(tl.int64)[:, None] * stride_dz + local[None, :], dz.to(dZ.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
 
 
 @triton.jit
@@ -163,34 +171,6 @@ def tile_of_program(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, GROUP: t
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     return rows, cols, rows < N, cols < V
-
-
-@triton.jit
-def scatter_grads(dz, X, Wt, dX, dWt, rows, cols, row_mask, col_mask, valid, Dx, NEED_DW: tl.constexpr,
-                  BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dX[rows] += dz @ Wt[cols];  dWt[cols] += dz.T @ X[rows]  (fp32 atomics), for a dlogit tile dz."""
-    if UPCAST:
-        dz_op = dz
-    else:
-        dz_op = dz.to(X.dtype.element_ty)
-    for d0 in range(0, Dx, BLOCK_D):
-        dk = d0 + tl.arange(0, BLOCK_D)
-        d_mask = dk < Dx
-        w = tl.load(Wt + cols.to(tl.int64)[:, None] * Dx + dk[None, :], mask=col_mask[:, None] & d_mask[None, :],
-                    other=0.0)
-        if UPCAST:
-            w = w.to(tl.float32)
-        tl.atomic_add(dX + rows.to(tl.int64)[:, None] * Dx + dk[None, :],
-                      tl.dot(dz_op, w, input_precision=DOT_PRECISION), mask=row_mask[:, None] & d_mask[None, :])
-        if NEED_DW:
-            # Ignored rows load as 0, so a NaN hidden state there cannot reach dW through 0 * NaN.
-            x = tl.load(X + rows.to(tl.int64)[:, None] * Dx + dk[None, :],
-                        mask=(row_mask & valid)[:, None] & d_mask[None, :], other=0.0)
-            if UPCAST:
-                x = x.to(tl.float32)
-            tl.atomic_add(dWt + cols.to(tl.int64)[:, None] * Dx + dk[None, :],
-                          tl.dot(tl.trans(dz_op), x, input_precision=DOT_PRECISION),
-                          mask=col_mask[:, None] & d_mask[None, :])
 
 
 def dot_precision(x):
@@ -268,23 +248,86 @@ def merge_logsumexp(m, s):
 
 
 def backward(h, weight, bias, targets, valid, lse, S, g_logp, g_ent, inv_temp, need_weight_grad=True, post=None,
-             dh_fp32=False):
-    N, D = h.shape
-    V = weight.shape[0]
+             dh_fp32=False, chunk_cols=None):
+    """Gradients of sum(g_logp * logp + g_ent * H) w.r.t. h, weight, bias: per vocabulary chunk the dlogit kernel,
+    then the chunk's GEMMs (head_grads). Every row must be valid (LinearLogprobFunction compacts them away first):
+    an invalid row's dlogits are 0, but its hidden state still enters dW's GEMM."""
     cfg = _config("logprob_bwd", h.dtype)
     zero = torch.zeros((), dtype=torch.float32, device=h.device)
     g_logp = torch.where(valid, g_logp.float(), zero).contiguous()
     with_entropy = g_ent is not None
     g_ent = torch.where(valid, g_ent.float(), zero).contiguous() if with_entropy else g_logp
-    dh = torch.zeros(N, D, dtype=torch.float32, device=h.device)
-    dW = torch.zeros(V, D, dtype=torch.float32, device=h.device) if need_weight_grad else dh
-    db = torch.zeros(V, dtype=torch.float32, device=h.device) if bias is not None else None
     tgt = torch.where(valid, targets, torch.full_like(targets, -1))
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
-    _backward_kernel[grid](
-        h, weight, bias if bias is not None else h, tgt, lse, S if S is not None else lse, g_logp, g_ent,
-        dh, dW, db if db is not None else dh, N, V, D, inv_temp, 1.0 if post is None else post,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, NEED_DW=need_weight_grad, GROUP=8,
-        UPCAST=interpreter_on(), DOT_PRECISION=dot_precision(h), SOFTCAP=post is not None, **cfg)
-    return (dh if dh_fp32 else dh.to(h.dtype), dW.to(weight.dtype) if need_weight_grad else None,
-            None if db is None else db.to(bias.dtype))
+    N, D = h.shape
+
+    def fill(v0, v1, dz):
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(v1 - v0, cfg["BLOCK_V"]),)
+        _dlogit_kernel[grid](
+            h, weight, bias if bias is not None else h, tgt, lse, S if S is not None else lse, g_logp, g_ent, dz[0],
+            N, v0, v1, D, dz[0].stride(0), inv_temp, 1.0 if post is None else post,
+            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, GROUP=8, UPCAST=interpreter_on(),
+            DOT_PRECISION=dot_precision(h), SOFTCAP=post is not None, **cfg)
+
+    (dh, dW, db), = head_grads([(h, weight, bias, need_weight_grad)], fill, chunk_cols)
+    return dh if dh_fp32 else dh.to(h.dtype), dW, db
+
+
+# The dlogit chunk buffers of one backward call, [rows, chunk columns] in the operands' dtype, hold at most this many
+# bytes (all heads together). At llama3-8b N=8192 bf16 that is 12288 columns: GEMMs of 12288 x 8192 x 4096, large
+# enough for cuBLAS's full rate, and a peak extra memory of size(dW) + 192 MiB + 2 x N D 4 (the fp32 dh and one
+# fp32 partial product) = size(dW) + 448 MiB (module docstring).
+DLOGIT_CHUNK_BYTES = 192 * 2**20
+CHUNK_ALIGN = 256  # columns: a multiple of every BLOCK_V and of cuBLAS's tile widths
+
+
+def chunk_width(N, V, itemsize, n_heads=1, chunk_cols=None):
+    """Vocabulary columns per backward chunk: chunk_cols if given, else as many as DLOGIT_CHUNK_BYTES allows."""
+    if chunk_cols is None:
+        chunk_cols = max(CHUNK_ALIGN, DLOGIT_CHUNK_BYTES // (n_heads * N * itemsize) // CHUNK_ALIGN * CHUNK_ALIGN)
+    elif int(chunk_cols) < 1:
+        raise ValueError(f"chunk_cols must be a positive number of vocabulary columns, got {chunk_cols}")
+    return min(V, int(chunk_cols))
+
+
+def head_grads(heads, fill_dlogits, chunk_cols=None):
+    """The GEMM half of every backward here, with no atomics and a fixed order (bitwise repeatable).
+
+    heads: [(h (N, D), weight (V, D), bias (V,) or None, need_weight_grad)], one per head sharing the vocabulary.
+    For each vocabulary chunk [v0, v1): fill_dlogits(v0, v1, dz) writes each head's dlogits into dz[i]
+    ([N, v1 - v0] views of one buffer per head, in the operands' dtype); then per head
+        dW[v0:v1] = dz.T @ h     one GEMM over all rows, fp32 accumulation inside, stored once in weight's dtype
+        dh       += dz @ W[v0:v1]  into an fp32 [N, D] accumulator
+        db[v0:v1] = column sums of dz (fp32).
+    Returns [(dh fp32, dW or None, db or None)] per head."""
+    N, V = heads[0][0].shape[0], heads[0][1].shape[0]
+    dtype, device = heads[0][0].dtype, heads[0][0].device
+    width = chunk_width(N, V, dtype.itemsize, len(heads), chunk_cols)
+    bufs = [torch.empty(N, width, dtype=dtype, device=device) for _ in heads]
+    out = []
+    for h, w, b, need_w in heads:
+        out.append((torch.zeros(h.shape, dtype=torch.float32, device=device),
+                    torch.empty(w.shape, dtype=w.dtype, device=device) if need_w else None,
+                    torch.empty(V, dtype=b.dtype, device=device) if b is not None else None))
+    for v0 in range(0, V, width):
+        v1 = min(V, v0 + width)
+        dz = [buf[:, :v1 - v0] for buf in bufs]
+        fill_dlogits(v0, v1, dz)
+        for (h, w, b, _), (dh, dW, db), dz_i in zip(heads, out, dz):
+            if dW is not None:
+                torch.mm(dz_i.T, h, out=dW[v0:v1])
+            add_mm_fp32(dh, dz_i, w[v0:v1])
+            if db is not None:
+                db[v0:v1] = dz_i.sum(0, dtype=torch.float32)
+    del bufs
+    return out
+
+
+def add_mm_fp32(acc, a, b):
+    """acc += a @ b, accumulated in fp32: in place for fp32 operands; bf16 / fp16 ones through cuBLAS's fp32-output
+    GEMM on CUDA (one fp32 temporary of acc's size), upcast copies elsewhere (the interpreter's CPU tests)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        acc += torch.mm(a, b, out_dtype=torch.float32)
+    else:
+        acc.addmm_(a.float(), b.float())

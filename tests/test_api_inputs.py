@@ -20,7 +20,8 @@ B, T, D, V, DR = 3, 4, 8, 11, 6
 # Parameters of the public functions that never take a tensor.
 NOT_TENSORS = {"normalizer", "dual_clip", "norm_length", "clamp", "group_size", "kind", "estimator", "mode",
                "softcap", "ref_softcap",  # floats or None (the logit softcap), never tensors
-               "process_group", "vocab_size"}  # a torch.distributed group and an int (tests/test_vocab_parallel.py)
+               "process_group", "vocab_size",  # a torch.distributed group and an int (tests/test_vocab_parallel.py)
+               "chunk_cols"}  # an int (tests/test_linear_logprob.py)
 # Arguments whose shape is free (no wrong shape exists) or whose dtype is free (any real dtype is read as float).
 FREE_SHAPE = {("f_divergence", "log_ratio"), ("kl_penalty", "logp"), ("aggregate", "values"),
               ("grpo_advantages", "rewards")}

@@ -32,7 +32,8 @@ def make_heads(lead=(3, 7), D=40, Dr=29, V=301, dtype=torch.float32, seed=0, bia
     return [cast(x) for x in (h, w, b, rh, rw, rb)], mask
 
 
-def check(kind, impl, dtype=torch.float32, ref_grad=False, seed=0, temperature=0.9, heads=(None, 1.0, None, 1.0)):
+def check(kind, impl, dtype=torch.float32, ref_grad=False, seed=0, temperature=0.9, heads=(None, 1.0, None, 1.0),
+          chunk_cols=None):
     softcap, scale, ref_softcap, ref_scale = heads
     (h, w, b, rh, rw, rb), mask = make_heads(dtype=dtype, seed=seed)
     upstream = [torch.randn(mask.shape, generator=torch.Generator().manual_seed(seed + 1))]
@@ -42,7 +43,7 @@ def check(kind, impl, dtype=torch.float32, ref_grad=False, seed=0, temperature=0
         return dk.linear_f_divergence(h_, w_, rh_, rw_, kind=kind, alpha=0.35, bias=b_, ref_bias=rb_,
                                       temperature=temperature, mask=m_, ref_requires_grad=ref_grad,
                                       impl=impl, softcap=softcap, logit_scale=scale, ref_softcap=ref_softcap,
-                                      ref_logit_scale=ref_scale).cpu()
+                                      ref_logit_scale=ref_scale, chunk_cols=chunk_cols).cpu()
 
     def math_(h_, w_, b_, rh_, rw_, rb_):
         if not ref_grad:
@@ -104,14 +105,22 @@ def test_torch_path_many_chunks_and_tiles(kind, monkeypatch):
     check(kind, "torch", ref_grad=True, seed=40, temperature=1.1)
 
 
-@pytest.mark.parametrize("kind", ["fkl", "js"])  # fkl has its own one-pass forward
-def test_torch_path_ignored_nan_rows_stay_out(kind):
+# The Triton backward in vocabulary chunks (V = 301): 3 chunks of 128 with a short last one, and 256 + 45.
+@pytest.mark.parametrize("chunk_cols, dtype, ref_grad", [(128, torch.float32, True), (256, torch.bfloat16, False),
+                                                         (128, torch.bfloat16, True)], ids=str)
+def test_triton_backward_vocabulary_chunks(chunk_cols, dtype, ref_grad):
+    check("js", "triton", dtype=dtype, ref_grad=ref_grad, seed=43, heads=(5.0, 1.0, None, 1.0),
+          chunk_cols=chunk_cols)
+
+
+@pytest.mark.parametrize("impl, kind", [("torch", "fkl"), ("torch", "js"), ("triton", "js")])
+def test_ignored_nan_rows_stay_out(impl, kind):  # torch fkl has its own one-pass forward
     (h, w, b, rh, rw, rb), mask = make_heads(seed=41)
     h[0, 1, 3], rh[1, 2, 0] = float("nan"), float("inf")
     mask[0, 1], mask[1, 2] = False, False
     h.requires_grad_()
     w.requires_grad_()
-    out = dk.linear_f_divergence(h, w, rh, rw, kind=kind, bias=b, ref_bias=rb, mask=mask, impl="torch")
+    out = dk.linear_f_divergence(h, w, rh, rw, kind=kind, bias=b, ref_bias=rb, mask=mask, impl=impl)
     assert torch.isfinite(out).all() and out[0, 1] == 0 and out[1, 2] == 0
     out.sum().backward()
     assert torch.isfinite(w.grad).all() and torch.isfinite(h.grad).all()

@@ -26,7 +26,7 @@ def make_problem(lead, D, V, dtype, *, bias=False, seed=0, ignore_frac=0.15, dev
 
 
 def check_against_truth(impl, lead, D, V, dtype, *, bias, temperature, entropy, seed=0, big_logit_at=None,
-                        softcap=None, logit_scale=1.0):
+                        softcap=None, logit_scale=1.0, chunk_cols=None):
     hidden, weight, b, targets = make_problem(lead, D, V, dtype, bias=bias, seed=seed)
     if big_logit_at is not None:  # one vocabulary entry ~150 nats above the rest in every row
         b[big_logit_at] += 150.0
@@ -36,7 +36,7 @@ def check_against_truth(impl, lead, D, V, dtype, *, bias, temperature, entropy, 
 
     def kernel(h, w, bb):
         return dk.linear_logprob(h, w, targets, bias=bb, temperature=temperature, return_entropy=entropy, impl=impl,
-                                 softcap=softcap, logit_scale=logit_scale)
+                                 softcap=softcap, logit_scale=logit_scale, chunk_cols=chunk_cols)
 
     def torch_math(h, w, bb):
         return ref.linear_logprob(h, w, targets, bb, temperature, -100, entropy, softcap, logit_scale)
@@ -180,6 +180,56 @@ def test_nan_stays_in_its_token(impl):
     w = weight.clone().requires_grad_()
     dk.linear_logprob(h, w, targets, impl=impl).sum().backward()
     assert torch.isfinite(w.grad).all() and torch.isfinite(h.grad).all()
+
+
+# The Triton backward in vocabulary chunks (linear_logprob_triton.head_grads): V = 1001 as one chunk (the default
+# here), exactly one chunk, 4 chunks with a short last one (256 columns), 8 chunks (128); each with the features on.
+CHUNK_CASES = [(None, torch.float32, None), (1001, torch.bfloat16, None), (256, torch.float32, 5.0),
+               (256, torch.bfloat16, None), (128, torch.float32, None), (128, torch.bfloat16, 30.0)]
+
+
+@pytest.mark.parametrize("chunk_cols, dtype, softcap", CHUNK_CASES, ids=str)
+def test_triton_backward_vocabulary_chunks(chunk_cols, dtype, softcap):
+    check_against_truth("triton", (37,), 67, 1001, dtype, bias=True, temperature=0.8, entropy=True, seed=13,
+                        softcap=softcap, chunk_cols=chunk_cols)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_backward_is_bitwise_repeatable(impl):
+    # No atomics: every gradient element is written by one program or one GEMM in a fixed order.
+    hidden, weight, b, targets = make_problem((29,), 40, 300, torch.float32, bias=True, seed=17)
+    grads = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight, b)]
+        logp, ent = dk.linear_logprob(leaves[0], leaves[1], targets, bias=leaves[2], return_entropy=True,
+                                      impl=impl, chunk_cols=128)
+        (logp * torch.linspace(-1, 2, 29) + ent).sum().backward()
+        grads.append([x.grad for x in leaves])
+    assert all(torch.equal(a, c) for a, c in zip(*grads))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_rows_without_loss_never_reach_the_kernels(impl, monkeypatch):
+    # Half the rows ignored: forward and backward see only the other half, and the answers are unchanged.
+    import sys
+    from dph_kernels import linear_logprob_triton as tk
+    module = sys.modules["dph_kernels.linear_logprob"]
+    hidden, weight, _, targets = make_problem((40,), 16, 97, torch.float32, seed=6, ignore_frac=0.0)
+    targets[::2] = -100
+    seen = []
+    names = ["torch_forward_sums", "torch_backward"] if impl == "torch" else ["forward_stats", "backward"]
+    owner = module if impl == "torch" else tk
+    for name in names:
+        fn = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda h, *a, _fn=fn, _name=name, **k: seen.append((_name, h.shape[0]))
+                            or _fn(h, *a, **k))
+    h = hidden.clone().requires_grad_()
+    logp = dk.linear_logprob(h, weight, targets, impl=impl)
+    logp.sum().backward()
+    assert seen == [(names[0], 20), (names[1], 20)]
+    assert torch.all(logp[::2] == 0) and torch.all(h.grad[::2] == 0)
+    kept = dk.linear_logprob(hidden[1::2], weight, targets[1::2], impl=impl)
+    assert torch.equal(logp[1::2], kept)
 
 
 def test_auto_picks_torch_on_cpu_and_matches():

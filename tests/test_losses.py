@@ -355,3 +355,34 @@ def test_gradient_accumulation_parity(agg):
     assert abs(float(total - full)) < 1e-12
     for a, c in zip(g_acc, g_full):
         assert float((a - c).abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_fused_loss_checks_hidden_once_and_skips_rows_without_loss(impl, monkeypatch):
+    # The public entry validates every input once; the internals trust them. Rows with loss_mask 0 never reach a
+    # matmul: each logit tile is computed over the loss rows only.
+    import sys
+    from dph_kernels import _checks
+    b = make_batch(B=4, T=10, seed=3)
+    b["loss_mask"][:, :5] = False  # a 5-token prompt in every row: 20 of 40 positions carry a loss
+    seen = {"hidden": 0}
+    check = _checks.check_tensor
+    monkeypatch.setattr(_checks, "check_tensor", lambda name, x, **k: seen.__setitem__(name, seen.get(name, 0) + 1)
+                        or check(name, x, **k))
+    rows = []
+    if impl == "torch":
+        module = sys.modules["dph_kernels.linear_logprob"]
+        tile = module._tile_logits
+        monkeypatch.setattr(module, "_tile_logits", lambda h, *a, **k: rows.append(h.shape[0]) or tile(h, *a, **k))
+    else:
+        from dph_kernels import linear_logprob_triton as tk
+        stats, bwd = tk.forward_stats, tk.backward
+        monkeypatch.setattr(tk, "forward_stats", lambda h, *a, **k: rows.append(h.shape[0]) or stats(h, *a, **k))
+        monkeypatch.setattr(tk, "backward", lambda h, *a, **k: rows.append(h.shape[0]) or bwd(h, *a, **k))
+    loss_fn = dk.FusedLinearDPHLoss.preset("dph-js", impl=impl)
+    out, dh, dw = run_fused(b, loss_fn)
+    assert seen["hidden"] == 1
+    assert rows and set(rows) == {int(b["loss_mask"].sum())}
+    assert torch.all(dh[:, :5] == 0) and torch.all(out.logp[:, :5] == 0)
+    want, _ = composed_reference(b, loss_fn.cfg)
+    assert float(out.loss.detach()) == pytest.approx(float(want), rel=1e-5, abs=1e-6)

@@ -56,10 +56,10 @@ def fused_inputs(seed=3):
 # Each case: fn(p, hidden, weight, bias, impl, **vp) -> tuple of outputs; vp is {} for the whole head or
 # dict(process_group=..., vocab_size=...) for this rank's shard. impl="reference" gives the eager math (the truth in
 # float64, the same-dtype comparison otherwise).
-def case_logprob(impl, dtype, entropy, softcap=None, big_logit=False):
+def case_logprob(impl, dtype, entropy, softcap=None, big_logit=False, chunk_cols=None):
     def fn(p, h, w, b, impl, **vp):
         out = dk.linear_logprob(h, w, p["targets"].to(h.device), bias=b, temperature=0.7, return_entropy=entropy, impl=impl,
-                                softcap=softcap, **vp)
+                                softcap=softcap, chunk_cols=chunk_cols, **vp)
         return out if entropy else (out,)
     return dict(fn=fn, impl=impl, dtype=dtype, big_logit=big_logit, outputs=["logp", "entropy"][:1 + entropy])
 
@@ -99,6 +99,8 @@ CASES = {
     "logprob-triton-fp32-softcap": case_logprob("triton", torch.float32, False, softcap=5.0),
     "logprob-torch-fp32-big-logit": case_logprob("torch", torch.float32, True, big_logit=True),
     "logprob-triton-fp32-big-logit": case_logprob("triton", torch.float32, True, big_logit=True),
+    # The backward in vocabulary chunks of 128 columns: 4 per 501-row shard, the last one short.
+    "logprob-triton-fp32-entropy-chunks": case_logprob("triton", torch.float32, True, chunk_cols=128),
     "fused-torch-grpo": case_fused("torch", "grpo"),
     "fused-torch-dph-js": case_fused("torch", "dph-js"),
     "fused-triton-grpo": case_fused("triton", "grpo"),
