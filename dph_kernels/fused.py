@@ -339,9 +339,9 @@ class FusedLinearDPHLoss(torch.nn.Module):
         tgt = torch.where(tok, targets, torch.full_like(targets, cfg["ignore_index"]))
         # Inputs the math reads outside their own set are later replaced by log pi_theta itself (ratio 1, finite),
         # so padding (even NaN / -inf) never reaches a value or a gradient.
-        old = self._pick("old_logp", old_logp, targets)
-        refl = self._pick("ref_logp", ref_logp, targets)
-        oref = self._pick("online_ref_logp", online_ref_logp, targets)
+        old = self._pick("old_logp", old_logp, targets, tok_exp)
+        refl = self._pick("ref_logp", ref_logp, targets, None if exact else tok_pef)
+        oref = self._pick("online_ref_logp", online_ref_logp, targets, tok_exp if cfg["kl_beta"] else None)
         if exact:
             refl = None  # the exact divergence reads the reference head, not stored log-probs
         if not cfg["kl_beta"]:
@@ -441,12 +441,16 @@ class FusedLinearDPHLoss(torch.nn.Module):
         return ref.head_factors(self.cfg["softcap"], self.cfg["logit_scale"], self.cfg["temperature"])
 
     @staticmethod
-    def _pick(name, x, targets):
-        """A per-token float input (B, T) on hidden's device, as fp32 without grad (None stays None)."""
+    def _pick(name, x, targets, used=None):
+        """A per-token float input (B, T) on hidden's device, as fp32 without grad (None stays None); a stored
+        log-prob at the positions where it is `used` must be finite and <= 0 (_checks.check_logprobs)."""
         if x is None:
             return None
         _checks.check_tensor(name, x, floating=True, shape=targets.shape, shape_of="targets", device=targets.device)
-        return x.detach().to(torch.float32)
+        x = x.detach().to(torch.float32)
+        if used is not None:
+            _checks.check_logprobs(name, x, used)
+        return x
 
     def _metrics(self, loss, contrib, logp, old, ratio, flags, kl, div, entropy, tok, tok_exp, tok_pef, is_pef,
                  w_pef, exact):

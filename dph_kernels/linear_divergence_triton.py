@@ -6,8 +6,9 @@ Forward, two streaming passes over vocab tiles (each tile = two tl.dot logit til
 Why two passes for every kind: the KL forms could fold into pass 1 (sum q (z_r - z) online), but JS, alpha, TV and
 Hellinger need both normalizers before the first term, so one code path serves all kinds; the extra pass costs two
 more logit tiles per vocab block (unmeasured on GPU yet: the GPU script times it).
-Backward: one program per (row block, vocab block) tile recomputes both logit tiles, forms dz = phi - p C (and the
-reference-side gradient when asked) and adds into fp32 dh / dW with atomics, as linear_logprob's backward does.
+Backward, in vocabulary chunks as linear_logprob's (linear_logprob_triton.head_grads; the reasoning is there): a
+Triton kernel recomputes both logit tiles of a chunk and writes dz = g (phi - p C) (and the reference-side dlogits
+when asked) once; cuBLAS then does each head's dW[chunk] and dh. No atomics: bitwise-repeatable gradients.
 Saved state is O(N): the two lse's, D and C.
 """
 from __future__ import annotations

@@ -16,8 +16,11 @@ Two implementations share that math:
   tile costs one exp pass. The fused loss (fused.py) uses the row-chunk helpers below instead: it knows its upstream
   gradient during the forward pass, so it needs no recompute.
 * Triton (CUDA; also runs under TRITON_INTERPRET=1): forward streams vocab tiles with an online max / sum-exp /
-  sum p*z, split over vocab ranges for occupancy and merged in torch; backward recomputes each (rows x vocab) tile
-  and scatters dh and dW with fp32 atomics.
+  sum p*z, split over vocab ranges for occupancy and merged in torch; backward goes over vocabulary chunks: a Triton
+  kernel writes each chunk's dlogits once, cuBLAS does dW[chunk] = dz.T @ h and dh += dz @ W[chunk] (no atomics,
+  bitwise repeatable; the design and its reasoning: linear_logprob_triton.py).
+Both paths see only the rows that carry a loss: LinearLogprobFunction compacts ignored positions away before any
+matmul and scatters the outputs (0) and dh (0) back (rows_with_loss).
 """
 from __future__ import annotations
 

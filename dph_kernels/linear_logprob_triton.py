@@ -5,12 +5,26 @@ D blocks, fp32 accumulation), keeping per row an online max m, sum of exp s, sum
 logit. Vocab ranges are merged in torch (O(N * splits) floats): splitting the vocab gives enough programs to fill the
 GPU when N / BLOCK_N alone would not.
 
-Backward: one program per (row block, vocab block) tile, swizzled in groups so neighbouring programs share weight
-tiles in L2. It recomputes the logit tile, forms dlogit in fp32 registers, and adds dlogit @ W into dh and
-dlogit.T @ h into dW with fp32 atomics. Why atomics rather than per-block partial buffers: partial dW buffers cost
-(N / BLOCK_N) x size(W), and a chunked cuBLAS scheme needs a [chunk, V] buffer plus a second pass; atomics need only
-the fp32 accumulators. No gradient filtering (CCE-style skipping of tiles with tiny softmax mass): it is an
-approximation, and the contract asks for exact gradients.
+Backward, in vocabulary chunks of C columns (head_grads; the divergence's backward uses the same GEMM half):
+  1. _dlogit_kernel: one program per (row block, column block) tile of the chunk recomputes the logits (tl.dot, fp32)
+     and forms dz = d loss / d logit in fp32 registers (softmax gradient, entropy term, softcap slope, 1/T), then
+     writes it once into an [N, C] buffer in the operands' dtype;
+  2. cuBLAS: dW[chunk] = dz.T @ h (a GEMM over all rows, fp32 accumulation inside, stored once in the weight's dtype)
+     and dh += dz @ W[chunk] (fp32 output into an fp32 [N, D] accumulator); db[chunk] = column sums of dz.
+Why this design (benchmarks/roofline.py has the numbers): the earlier backward added each tile's products into fp32
+dh and dW with atomics, ~400 GB of atomic traffic at llama3-8b N=8192 (dW is scattered once per row block), which
+bounds it at ~3x the 4-GEMM floor; its gradients were not bitwise repeatable (fp32 addition order) and it held a full
+fp32 dW. Chunking the vocabulary gives each chunk its own dW rows, written by one GEMM in a fixed order; only dh (N x
+D, small) is accumulated over chunks, in a fixed order too, so two identical calls give bitwise-identical gradients.
+The extra HBM traffic is the dz chunk written once and read twice (6 N V bytes in bf16 over the whole vocabulary,
+~1.3 ms at llama3-8b against ~33 ms of backward GEMMs) plus h and the fp32 dh once per chunk: predicted at 1.03x the
+4-GEMM floor. Row chunks would need every chunk's dW accumulated (V x D fp32 per chunk); keeping the forward's logits
+would save the recompute GEMM but hold N V 2 bytes (2.1 GB at llama3-8b) from forward to backward. The atomic kernel
+was removed: the model shows no regime where it wins (at small N its dW atomics alone, 4 V D bytes per row block,
+exceed the chunked design's one bf16 write of dW). No CCE-style filtering of tiles with tiny softmax mass: it is an
+approximation, and the contract asks for exact gradients (benchmarks/inputs.py measures how much it could skip).
+C defaults to DLOGIT_CHUNK_BYTES / (N * itemsize) columns; the callers pass every row with a loss and no other
+(LinearLogprobFunction compacts the rest away before the kernels).
 
 Interpreter (TRITON_INTERPRET=1): bf16/fp16 tl.dot and arithmetic are wrong there, so UPCAST (on only in the
 interpreter) casts loaded tiles to fp32 first. fp32 tiles multiply in full fp32 (DOT_PRECISION="ieee"): tl.dot would
@@ -180,10 +194,11 @@ def dot_precision(x):
 
 # GPU tile configs per (kernel, input dtype): (BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages). Chosen on the
 # ahead-of-time compile table (python -m benchmarks.aot, triton 3.6's ptxas; registers and stack per thread): the
-# earlier single config 64 x 128 x 64, 8 warps, 3 stages spilled in every kernel but the log-prob forward (backward:
-# 328-504 B of stack at 255 registers, sm_90 bf16). Every row below compiles with 0 spill bytes: bf16 on sm_90 and
-# sm_80, fp32 on sm_90. Each kernel holds 255 registers or fewer x 256 threads, one block per SM at 8 warps (the
-# 4-warp fp32 forward: up to two). The divergence kernels hold two logit tiles, hence BLOCK_V=64. fp32 tiles
+# earlier single config 64 x 128 x 64, 8 warps, 3 stages spilled in every kernel but the log-prob forward. The
+# "_bwd" rows are the dlogit kernels (128-222 registers at sm_90 bf16; the log-prob one also compiles spill-free at
+# BLOCK_D=64, 254 registers: a candidate for a GPU measurement, not taken unmeasured). Every row below compiles with
+# 0 spill bytes: bf16 on sm_90 and sm_80, fp32 on sm_90. Each kernel holds 255 registers or fewer x 256 threads, one
+# block per SM at 8 warps (the 4-warp fp32 forward: up to two). The divergence kernels hold two logit tiles, hence BLOCK_V=64. fp32 tiles
 # multiply without tensor cores (ieee dot), which needs smaller D blocks; fp16 takes bf16's configs.
 GPU_CONFIGS = {
     ("logprob_fwd", "bf16"): (64, 128, 32, 8, 3), ("logprob_bwd", "bf16"): (64, 128, 32, 8, 3),
@@ -328,6 +343,9 @@ def add_mm_fp32(acc, a, b):
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
     elif a.is_cuda:
-        acc += torch.mm(a, b, out_dtype=torch.float32)
+        try:
+            acc += torch.mm(a, b, out_dtype=torch.float32)  # torch >= 2.8
+        except TypeError:  # an older torch: the product rounded to a's dtype once per chunk
+            acc += (a @ b).float()
     else:
         acc.addmm_(a.float(), b.float())

@@ -297,7 +297,7 @@ def main(argv: list | None = None) -> int:
         return _user_error(args, e)
     if args.command in ("presample", "eval") and env_rank() != 0:
         return 0  # under torchrun rank 0 samples / evaluates alone; the other ranks have nothing to do
-    from .common import RunDir
+    from .common import CheckpointWriteError, NonFiniteStep, RunDir
 
     run = RunDir(cfg.run_dir)
     if run.main:
@@ -327,6 +327,10 @@ def main(argv: list | None = None) -> int:
     except (ConfigError, UsageError) as e:
         run.fail(args.command, e, quiet=True)
         return _user_error(args, e)
+    except (NonFiniteStep, CheckpointWriteError) as e:  # the run stops cleanly; its message says where it stands
+        run.fail(args.command, e, quiet=True)
+        print(f"[{args.command}] stopped: {e}; logs and checkpoints stay in {run.path}", file=sys.stderr)
+        return 1
     except Exception as e:
         run.fail(args.command, e)
         raise

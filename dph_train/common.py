@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import resource
@@ -134,6 +135,26 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (its .tmp folder is removed; the earlier checkpoints are intact)."""
+
+    def __init__(self, message, step):
+        super().__init__(message)
+        self.step = step
+
+
+class NonFiniteStep(RuntimeError):
+    """A step's loss or gradient norm is NaN / inf: training stops before the optimizer step, so the weights (and
+    every checkpoint) are those of the last good step."""
+
+    def __init__(self, step, loss, grad_norm, checkpoints):
+        self.step = step
+        last = checkpoints[-1] if checkpoints else "none yet"
+        super().__init__(f"step {step}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                         f"(loss={loss}, grad_norm={grad_norm}); the optimizer step was not taken; last checkpoint: "
+                         f"{last}")
+
+
 class RunDir:
     """Everything a run writes lives under one folder:
 
@@ -173,17 +194,43 @@ class RunDir:
             f.write(json.dumps(jsonable(record)) + "\n")
             f.flush()
 
+    def truncate_metrics(self, step: int) -> int:
+        """Drop the per-step records after `step` from metrics.jsonl (a resume from step `step` redoes them, so each
+        step appears once), and a last line cut short by a killed write. Records without a step are kept. Returns
+        how many lines were dropped."""
+        path = self.p("metrics.jsonl")
+        if not self.main or not os.path.exists(path):
+            return 0
+        with open(path) as f:
+            lines = f.read().splitlines()
+
+        def keep(line):
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except ValueError:
+                return False
+
+        kept = [ln for ln in lines if ln.strip() and keep(ln)]
+        if len(kept) != len(lines):
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.write("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, path)
+        return len(lines) - len(kept)
+
     def status(self, state: str, **info) -> None:
         if not self.main and state != "failed":
             return
         write_json(self.p("status.json"), {"state": state, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info})
 
     def fail(self, command: str, exc: BaseException, quiet: bool = False) -> None:
-        """Record the failure in status.json and log.txt; quiet: the caller prints the message itself."""
+        """Record the failure in status.json (with the step, when the error carries one) and log.txt; quiet: the
+        caller prints the message itself."""
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         if not self.main:
             command = f"{command} (rank {os.environ.get('RANK')})"
-        self.status("failed", command=command, error=repr(exc), traceback=tb)
+        at = {"step": exc.step} if isinstance(getattr(exc, "step", None), int) else {}
+        self.status("failed", command=command, error=repr(exc), traceback=tb, **at)
         with open(self.p("log.txt"), "a") as f:
             f.write(tb)
         if not quiet:

@@ -126,4 +126,19 @@ def load_presample(folder: str):
     with open(os.path.join(folder, "summary.json")) as f:
         summary = json.load(f)
     pef = dd["pef"].to_list() if "pef" in dd else []
+    check_stored_logprobs(folder, pef)
     return dd["prompts"].to_list(), pef, summary
+
+
+def check_stored_logprobs(folder: str, pef: list) -> None:
+    """Every stored log pi_ref is finite and <= 0 (dk's check_logprobs); the error names the row and the token."""
+    import torch
+
+    from dph_kernels._checks import check_logprobs
+
+    for i, row in enumerate(pef):
+        try:
+            check_logprobs("ref_logp", torch.tensor(row["ref_logp"], dtype=torch.float32))
+        except ValueError as e:
+            raise ValueError(f"presample folder {folder}: D_pef row {i} (example {row.get('example_id')}): {e}") \
+                from None

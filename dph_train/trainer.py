@@ -33,7 +33,8 @@ import torch
 import dph_kernels as dk
 
 from .batching import IGNORE, Batch, Seq, collate, head_weight_like, pad_float, response_hidden, score_sequences
-from .common import encode_prompt, peak_memory_mb, reset_peak_rss, trim_heap, write_json
+from .common import (CheckpointWriteError, NonFiniteStep, encode_prompt, peak_memory_mb, reset_peak_rss, trim_heap,
+                     write_json)
 from .models import autocast, head_transform, save_hf_folder
 from .parallel import Parallel
 
@@ -280,6 +281,9 @@ class Trainer:
                 acc.add(m)
             params = [p for p in self.policy.parameters() if p.grad is not None]
             grad_norm = par.clip_grad_norm(params, tc.grad_clip)
+            loss = acc.result().get("loss", 0.0)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every rank (reduced values)
+                raise NonFiniteStep(self.step + 1, loss, grad_norm, list_checkpoints(self.ckpt_root()))
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)  # the gradients (one model's size) are not kept between steps
         m = acc.result()
@@ -332,25 +336,36 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         """step_XXXXXX/ = the HF folder (rank 0, full weights) + trainer_state.pt (step, RNG) + optimizer/ (DCP,
-        every rank writes its part; only with train.save_optimizer); COMPLETE.json last, after a barrier."""
+        every rank writes its part; only with train.save_optimizer); COMPLETE.json last, after a barrier.
+        Everything is written into step_XXXXXX.tmp and renamed at the end: a write that fails (a full disk, a
+        read-only folder) removes the .tmp folder and raises an OSError naming the path; the checkpoints before it
+        are untouched."""
         par = self.par
         root = self.ckpt_root()
         final = os.path.join(root, f"step_{self.step:06d}")
         tmp = final + ".tmp"
+        try:
+            if par.is_main:
+                os.makedirs(root, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                save_hf_folder(par.plain, self.tok, tmp)
+                state = dict(step=self.step, torch_rng=torch.get_rng_state(), python_rng=random.getstate())
+                torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+            par.barrier()
+            # The optimizer state is twice the model's size (AdamW moments): written only when a resume is wanted.
+            if self.cfg.train.save_optimizer:
+                par.save_optimizer(self.opt, os.path.join(tmp, "optimizer"))
+            par.barrier()
+            if par.is_main:
+                write_json(os.path.join(tmp, "COMPLETE.json"), dict(step=self.step, method=self.cfg.train.method,
+                                                                    world_size=par.world))
+        except OSError as e:
+            if par.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            last = list_checkpoints(root)
+            raise CheckpointWriteError(f"writing checkpoint {tmp} failed ({e.strerror or e}); the last complete "
+                                       f"checkpoint is {last[-1] if last else 'none'}", self.step) from e
         if par.is_main:
-            os.makedirs(root, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_hf_folder(par.plain, self.tok, tmp)
-            state = dict(step=self.step, torch_rng=torch.get_rng_state(), python_rng=random.getstate())
-            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-        par.barrier()
-        # The optimizer state is twice the model's size (AdamW moments): written only when a resume is wanted.
-        if self.cfg.train.save_optimizer:
-            par.save_optimizer(self.opt, os.path.join(tmp, "optimizer"))
-        par.barrier()
-        if par.is_main:
-            write_json(os.path.join(tmp, "COMPLETE.json"), dict(step=self.step, method=self.cfg.train.method,
-                                                                world_size=par.world))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             keep = max(1, self.cfg.train.keep_checkpoints)
@@ -400,6 +415,9 @@ class Trainer:
                 self.run.log(f"[train] resumed from {ck[-1]} (step {self.step})")
             else:
                 self.run.log("[train] --resume: no checkpoint yet, starting from step 0")
+            dropped = self.run.truncate_metrics(self.step)  # the steps redone from here are logged once
+            if dropped:
+                self.run.log(f"[train] metrics.jsonl: dropped {dropped} line(s) after step {self.step}")
         self.run.log(f"[train] method={tc.method} steps={self.total_steps} D_exp prompts={len(self.exp_examples)} "
                      f"stored D_pef samples={len(self.pef_rows)} G={tc.group_size} prompts/step={tc.prompts_per_step} "
                      f"pef/step={min(tc.pef_per_step, len(self.pef_rows))} lr={tc.lr}"

@@ -125,9 +125,10 @@ def make_batch(B=5, T=9, D=24, V=131, seed=0, dtype=torch.float32, n_pef=2):
     is_pef[:n_pef] = True
     with torch.no_grad():
         lp = ref.linear_logprob(hidden.double(), weight.double(), targets).float()
-    old = lp + 0.4 * torch.randn(B, T, generator=g)  # ratios on both sides of the clip range
-    ref_logp = lp + 0.8 * torch.randn(B, T, generator=g)
-    online_ref = lp + 0.3 * torch.randn(B, T, generator=g)
+    # ratios on both sides of the clip range; stored log-probs are <= 0 (the fused loss refuses others)
+    old = (lp + 0.4 * torch.randn(B, T, generator=g)).clamp(max=0.0)
+    ref_logp = (lp + 0.8 * torch.randn(B, T, generator=g)).clamp(max=0.0)
+    online_ref = (lp + 0.3 * torch.randn(B, T, generator=g)).clamp(max=0.0)
     adv = torch.randn(B, generator=g)
     return dict(hidden=hidden, weight=weight, targets=targets, loss_mask=loss_mask, is_pef=is_pef, old=old,
                 ref=ref_logp, online_ref=online_ref, adv=adv)
