@@ -166,6 +166,7 @@ def cmd_train(cfg, args, s: Session | None = None) -> dict:
     from .presample import load_presample
     from .trainer import Trainer, make_ref_model
 
+    own = s is None
     s = s or Session(cfg, par=getattr(args, "par", None))
     prompts_rows, pef_rows, _ = load_presample(s.run.p("presample"))
     ref = make_ref_model(s.model) if cfg.train.method == "rkl" else None
@@ -173,6 +174,8 @@ def cmd_train(cfg, args, s: Session | None = None) -> dict:
                       par=s.par)
     out = trainer.fit(resume=args.resume)
     del ref
+    if own:  # the rollout engine shuts down while the process group still exists (vLLM under torchrun needs that)
+        s.close()
     return out
 
 

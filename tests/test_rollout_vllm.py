@@ -146,3 +146,42 @@ def test_vllm_sampled_logprobs_agree_with_dk(tmp_path):
         assert worst < 1e-3
     finally:
         eng.close()
+
+
+@pytest.mark.timeout(900)
+def test_vllm_under_torchrun_ddp_matches_the_hf_run(tmp_path):
+    """2 CPU processes (gloo, ddp), one in-process vLLM engine per rank (1 GiB KV cache each): the run completes
+    and logs the same per-step structure as the same run with HF generate."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from dph_train.testing import tiny_args
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    steps = {}
+    for backend in ("vllm", "hf"):
+        run = tmp_path / backend
+        args = tiny_args(run, rollout__backend=backend, **{**VLLM_TINY, "train__steps": 2})
+        if backend == "hf":  # the same split: D_pef / D_exp come from the vLLM run's presample
+            shutil.copytree(tmp_path / "vllm" / "presample", run / "presample")
+        else:
+            p = subprocess.run([sys.executable, "parallel_train_worker.py", "presample", *args], cwd=here, env=env,
+                               capture_output=True, text=True, timeout=300)
+            assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                            "parallel_train_worker.py", "train", "--train.parallel=ddp", *args], cwd=here, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert "Traceback" not in p.stderr, p.stderr[-3000:]  # a clean teardown: engines close before the group
+        steps[backend] = _records(run / "metrics.jsonl")
+        assert f"rollout backend: {backend}" in (run / "log.txt").read_text()
+    for backend, recs in steps.items():
+        assert [r["step"] for r in recs] == [1, 2] and all(r["world_size"] == 2 for r in recs)
+        for r, h in zip(recs, steps["hf"]):
+            assert (r["n_exp_seqs"], r["n_pef_seqs"]) == (h["n_exp_seqs"], h["n_pef_seqs"])
+            assert 0.0 <= r["reward_mean"] <= 1.0
+    assert all(r["time_sync"] > 0 for r in steps["vllm"])
