@@ -134,50 +134,8 @@ def output_weight(model) -> torch.Tensor:
     return head.weight
 
 
-def head_transform(model) -> dict:
-    """The softcap / logit_scale keyword arguments of the dph kernels that reproduce what the model's forward does to
-    lm_head's output, read from its config: final_logit_softcapping (Gemma 2 / 3: cap * tanh(logits / cap)),
-    logit_scale (Cohere: logits * scale), logits_scaling (Granite: logits / scaling). verify_head checks the result."""
-    c = model.config
-    c = c.get_text_config() if hasattr(c, "get_text_config") else c
-    softcap = getattr(c, "final_logit_softcapping", None)
-    scale = 1.0
-    if getattr(c, "logit_scale", None) is not None:
-        scale *= float(c.logit_scale)
-    if getattr(c, "logits_scaling", None) is not None:
-        scale /= float(c.logits_scaling)
-    return dict(softcap=None if not softcap else float(softcap), logit_scale=scale)
-
-
-@torch.no_grad()
-def verify_head(model, head: dict | None = None, tokens: int = 8, atol: float = 1e-3) -> float:
-    """Checks that dk.linear_logprob(last hidden state, lm_head.weight, **head) gives the log-probs of the model's
-    own logits on a few tokens (one short forward); raises NotImplementedError naming the gap otherwise, so a head
-    the kernels cannot reproduce never trains on wrong log-probs. Returns the largest difference (nats)."""
-    import dph_kernels as dk
-
-    head = head_transform(model) if head is None else head
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        V = model.get_output_embeddings().weight.shape[0]
-        ids = (torch.arange(tokens, device=device) * 7919 % V).unsqueeze(0)
-        targets = ids.roll(-1, 1)
-        logits = model(input_ids=ids).logits.float()
-        want = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        h = backbone(model)(input_ids=ids).last_hidden_state
-        w = output_weight(model)
-        got = dk.linear_logprob(h, w.to(h.dtype), targets, impl="torch", **head)
-    finally:
-        model.train(was_training)
-    gap = float((got - want).abs().max())
-    if not gap <= atol:
-        raise NotImplementedError(
-            f"{type(model).__name__}: log-probs from lm_head.weight with softcap={head['softcap']}, "
-            f"logit_scale={head['logit_scale']} differ from the model's own logits by {gap:.3g} nats; its head does "
-            "something the dph kernels cannot reproduce (see dph_train.models.head_transform)")
-    return gap
+# What the model does to lm_head's output, in the kernels' terms (shared with the TRL adapter).
+from dph_kernels.integrations.hf_head import head_transform, verify_head  # noqa: E402,F401
 
 
 def autocast(model_cfg: ModelConfig, device: torch.device):

@@ -21,18 +21,28 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def save_tiny_model(folder, seed=0, vocab_pad=0):
-    """A 2-layer Llama (D=32, V=43 + vocab_pad) with untied lm_head, saved with its tokenizer; returns folder."""
+def save_tiny_model(folder, seed=0, vocab_pad=0, arch="llama"):
+    """A 2-layer Llama (D=32, V=43 + vocab_pad) with untied lm_head, saved with its tokenizer; returns folder.
+    arch="gemma2": a Gemma-2 of the same size with final_logit_softcapping=2.0 and lm_head scaled so that its
+    logits (|z| up to ~4) are bent by the cap."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok) + vocab_pad, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-                      eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)
+    common = dict(vocab_size=len(tok) + vocab_pad, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+                  tie_word_embeddings=False)
+    if arch == "gemma2":
+        cfg = Gemma2Config(**common, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                           final_logit_softcapping=2.0, sliding_window=16, attn_implementation="eager")
+    else:
+        cfg = LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=2)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
+        model = (Gemma2ForCausalLM if arch == "gemma2" else LlamaForCausalLM)(cfg)
+    if arch == "gemma2":
+        with torch.no_grad():
+            model.lm_head.weight.mul_(20.0)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

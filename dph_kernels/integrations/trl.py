@@ -10,6 +10,9 @@ What changes against `GRPOTrainer` (pinned: trl==1.16.0; the hooks below are pri
 * Every per-token log-prob TRL asks for (the update, log pi_old, the reference model's) comes from the backbone's
   last hidden states and the lm_head weight through `dk.linear_logprob`: `add_dk_lm_head` replaces the
   `model(..., fused_lm_head=True)` route that TRL patches in with its own chunked kernel.
+* Soft-capped and scaled heads (Gemma 2 / 3, Cohere, Granite, Falcon-H1) are read from the model's config and
+  passed to the kernels (model_head; checked once against the model's own logits, refused if dk cannot reproduce
+  them).
 * The loss (`_compute_loss`) is `dk.FusedLinearDPHLoss`, run inside the wrapped model's forward (so DDP / FSDP hooks
   fire as for any forward), for loss_type grpo / bnpo / dr_grpo / dapo with TRL's normalisers: epsilon /
   epsilon_high (clip-higher), delta (= dk's dual clip when delta >= 1 + epsilon_high, which TRL recommends),
@@ -41,6 +44,7 @@ import torch
 from .. import _checks
 from ..fused import FusedLinearDPHLoss
 from ..linear_logprob import linear_logprob
+from .hf_head import head_transform, verify_head
 
 TRL_VERSION = "1.16.0"  # the version these hooks are written and tested against
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -65,17 +69,16 @@ def _require_trl():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_plain_head(model):
-    """dk's kernels compute softmax(h W^T + b) / T: refuse heads that scale or soft-cap the logits."""
-    cfg = model.config.get_text_config()
-    if getattr(cfg, "final_logit_softcapping", None) is not None:
-        raise NotImplementedError("the model soft-caps its logits (config.final_logit_softcapping); "
-                                  "dph_kernels.integrations.trl supports plain lm_heads only")
-    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
-        v = getattr(cfg, name, None)
-        if v is not None and v != 1.0:
-            raise NotImplementedError(f"the model scales its logits (config.{name}={v}); "
-                                      "dph_kernels.integrations.trl supports plain lm_heads only")
+def model_head(model) -> dict:
+    """The model's softcap / logit_scale as dk's keyword arguments (hf_head.head_transform: Gemma 2 / 3's
+    final_logit_softcapping, Cohere / Granite / Falcon-H1 logit scales), checked once against the model's own logits
+    on a short forward, so a head the kernels cannot reproduce is refused instead of trained on wrong log-probs."""
+    cached = getattr(model, "_dk_head", None)
+    if cached is None:
+        cached = head_transform(model)
+        verify_head(model, cached)
+        model._dk_head = cached
+    return cached
 
 
 def _head_params(model, dtype):
@@ -106,7 +109,7 @@ def add_dk_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=(
     _require_trl()
     from trl.trainer.utils import FusedCausalLMOutput
 
-    _check_plain_head(model)
+    head = model_head(model)
     _checks.check_temperature(temperature)
     _checks.check_impl(impl)
     previous = model.forward
@@ -138,7 +141,7 @@ def add_dk_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=(
             mask = labels != IGNORE
             # Only the scored positions reach the kernel (TRL scores only the completion).
             out = linear_logprob(hidden[mask], weight, labels[mask], bias=bias, temperature=temperature,
-                                 return_entropy=want_entropy, impl=impl)
+                                 return_entropy=want_entropy, impl=impl, **head)
             out = out if want_entropy else (out, None)
             # masked_scatter keeps the outputs connected to the model even when no label is valid
             log_probs, entropy = (None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in out)
@@ -262,7 +265,7 @@ def _left_right(prompts, completions, pad_id, device):
 @torch.no_grad()
 def score_completions(model, prompts, completions, pad_id, *, batch_size=8, temperature=1.0, impl="auto"):
     """Per-token log pi(completion token | prompt, earlier tokens) as lists, via dk.linear_logprob (no logits)."""
-    _check_plain_head(model)
+    head = model_head(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -276,7 +279,7 @@ def score_completions(model, prompts, completions, pad_id, *, batch_size=8, temp
                                       use_cache=False).last_hidden_state
             h = hidden[:, P - 1:P - 1 + targets.shape[1]]
             weight, bias = _head_params(model, h.dtype)
-            lp = linear_logprob(h, weight, targets, bias=bias, temperature=temperature, impl=impl)
+            lp = linear_logprob(h, weight, targets, bias=bias, temperature=temperature, impl=impl, **head)
             out += [lp[i, :len(c)].float().cpu().tolist() for i, c in enumerate(completions[s:s + batch_size])]
     finally:
         model.train(was_training)
@@ -420,11 +423,12 @@ def _build_trainer_class():
                     raise ValueError(f"pef_dataset (DPH-RL) needs dk's loss, which does not express "
                                      f"{', '.join(self._dk_fallback)}")
             delta = self.args.delta
+            target = self.model.get_base_model() if is_peft_model(self.model) else self.model
             self.dph_loss = FusedLinearDPHLoss(
                 **div, clip_low=self.epsilon_low, clip_high=self.epsilon_high,
                 dual_clip=delta if (delta is not None and not self._dk_fallback) else None,
                 kl_beta=self.beta, kl_estimator="k3", loss_agg=_LOSS_AGG.get(self.loss_type, "token-mean"),
-                temperature=self.temperature, log_entropy=True)
+                temperature=self.temperature, log_entropy=True, **model_head(target))
             self._pef = None
             if pef_dataset is not None:
                 per_step = self.args.per_device_train_batch_size if pef_per_step is None else pef_per_step
@@ -432,7 +436,6 @@ def _build_trainer_class():
                     raise ValueError(f"pef_per_step must be a positive int, got {per_step!r}")
                 self._pef = _PefSchedule(load_pef_dataset(pef_dataset), per_step, self.args.seed,
                                          count_rows=self.loss_type == "grpo")
-            target = self.model.get_base_model() if is_peft_model(self.model) else self.model
             add_dk_lm_head(target, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32,
                            outputs=("log_probs", "entropy"), impl=div.get("impl", "auto"))
             if self.ref_model is not None:
