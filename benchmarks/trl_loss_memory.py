@@ -31,7 +31,7 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def worker(which, tokens, seq_len, device, loss_type):
+def worker(which, tokens, seq_len, device, loss_type, is_level="token"):
     import torch
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -51,7 +51,7 @@ def worker(which, tokens, seq_len, device, loss_type):
     tok.save_pretrained(folder)
     args = GRPOConfig(output_dir=os.path.join(folder, "out"), use_cpu=device == "cpu", per_device_train_batch_size=4,
                       num_generations=4, max_completion_length=seq_len, report_to="none", save_strategy="no",
-                      loss_type=loss_type, bf16=False, disable_tqdm=True)
+                      loss_type=loss_type, importance_sampling_level=is_level, bf16=False, disable_tqdm=True)
     cls = DPHGRPOTrainer if which == "dph" else GRPOTrainer
     tr = cls(model=folder, reward_funcs=lambda completions, **k: [0.0] * len(completions), args=args,
              train_dataset=Dataset.from_list([{"prompt": "a"}] * 4), processing_class=tok)
@@ -88,12 +88,14 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--loss-type", default="dapo")
+    ap.add_argument("--importance-sampling-level", default="token", choices=["token", "sequence"],
+                    help="sequence: GSPO's sequence-level ratio (with --loss-type grpo)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default=os.path.join(HERE, "results", "trl_loss_memory.json"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        return worker(a.worker, a.tokens, a.seq_len, a.device, a.loss_type)
+        return worker(a.worker, a.tokens, a.seq_len, a.device, a.loss_type, a.importance_sampling_level)
     import torch
     import trl
 
@@ -101,13 +103,15 @@ def main(argv=None):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", HF_HUB_OFFLINE="1")
     for which in ("trl", "dph"):
         cmd = [sys.executable, "-m", "benchmarks.trl_loss_memory", "--worker", which, "--tokens", str(a.tokens),
-               "--seq-len", str(a.seq_len), "--device", a.device, "--loss-type", a.loss_type]
+               "--seq-len", str(a.seq_len), "--device", a.device, "--loss-type", a.loss_type,
+               "--importance-sampling-level", a.importance_sampling_level]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(HERE))
         line = [x for x in res.stdout.splitlines() if x.startswith("{")]
         if res.returncode or not line:
             raise RuntimeError(f"{which} worker failed:\n{res.stderr[-3000:]}")
         rows.append(json.loads(line[-1]))
-    meta = dict(shape=dict(N=a.tokens, D=576, V=49152, seq_len=a.seq_len), loss_type=a.loss_type, device=a.device,
+    meta = dict(shape=dict(N=a.tokens, D=576, V=49152, seq_len=a.seq_len), loss_type=a.loss_type,
+                importance_sampling_level=a.importance_sampling_level, device=a.device,
                 torch=torch.__version__, trl=trl.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 load=os.getloadavg()[0], threads=torch.get_num_threads())
     os.makedirs(os.path.dirname(a.out), exist_ok=True)

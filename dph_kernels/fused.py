@@ -69,11 +69,11 @@ class _TritonTokenLoss(torch.autograd.Function):
         return g_contrib * dlogp, None, None, None, None, None, None, None
 
 
-def _torch_token_loss(logp, old, adv, ref_logp, online_ref, is_pef_tok, weights, cfg):
-    """The same per-token losses with reference.py's math, differentiated by autograd."""
-    ppo, ratio, lo, hi, dual = ref.ppo_clip_token_loss(logp, old, adv, cfg["clip_low"], cfg["clip_high"],
-                                                        cfg["dual_clip"])
-    loss_exp, kl = ppo, torch.zeros_like(logp)
+def _torch_token_loss(logp, old, adv, ref_logp, online_ref, is_pef_tok, weights, cfg, exp_mask=None):
+    """The same per-token losses with reference.py's math, differentiated by autograd. Inputs (B, T) with exp_mask
+    (the D_exp tokens) when the policy loss needs sequence aggregates (_needs_rows), any equal shapes otherwise."""
+    policy, ratio, lo, hi, dual = ref.policy_token_loss(logp, old, adv, cfg, exp_mask)
+    loss_exp, kl = policy, torch.zeros_like(logp)
     if cfg["kl_beta"] != 0:
         kl = ref.kl_estimate(logp, online_ref, cfg["kl_estimator"])
         loss_exp = loss_exp + cfg["kl_beta"] * kl
@@ -86,6 +86,13 @@ def _torch_token_loss(logp, old, adv, ref_logp, online_ref, is_pef_tok, weights,
     contrib = torch.where(weights != 0, weights * loss, torch.zeros_like(loss))  # a masked NaN never leaks in
     flags = lo.to(torch.int8) + 2 * hi.to(torch.int8) + 4 * dual.to(torch.int8)
     return contrib, ratio.detach(), flags, kl.detach(), div.detach()
+
+
+def _needs_rows(cfg):
+    """Whether the D_exp loss needs per-sequence aggregates of the log-ratio before any per-token gradient (GSPO's
+    sequence-level ratio, VESPO's weight): then the loss takes the two-pass route, linear_logprob's forward and
+    backward with the token math in between, instead of the one-pass chunked CPU loss."""
+    return cfg["importance_sampling_level"] == "sequence" or cfg["policy_loss"] == "vespo"
 
 
 def _fill_inputs(logp, token_inputs, masks):
@@ -229,6 +236,15 @@ class FusedLinearDPHLoss(torch.nn.Module):
             over the whole vocabulary against a reference head, dk.linear_f_divergence; needs ref_hidden/ref_weight).
         softcap, logit_scale: the policy head's final-logit softcap and logit scale, as in dk.linear_logprob.
         ref_softcap, ref_logit_scale: the same for the reference head of divergence_mode="exact".
+        policy_loss: the D_exp loss, as TRL 1.16 defines each (reference.POLICY_LOSSES): "ppo" (PPO-clip; TRL's
+            grpo / bnpo / dr_grpo / dapo / luspo differ only in loss_agg), "cispo" (the IS weight min(r, cap) as a
+            constant times -A log pi; cap = cispo_max_weight, default 1 + clip_high), "sapo" (a soft sigmoid gate with
+            sapo_temperature_pos / _neg by the sign of A), "vespo" (-phi(w) A log pi with the gamma weight phi of the
+            sequence's IS ratio w; vespo_k_pos / _lambda_pos / _k_neg / _lambda_neg).
+        importance_sampling_level: "token" or "sequence" (GSPO: each token's log-ratio replaced by its sequence's
+            mean over the D_exp tokens). Sequence-level ratios and VESPO need per-sequence sums before any per-token
+            gradient, so on the CPU they take linear_logprob's forward + backward (four matmuls, the two-pass route)
+            instead of the one-pass chunked loss; the memory stays linear_logprob's.
         process_group, vocab_size: a vocab-parallel lm_head (dph_kernels.distributed, as in dk.linear_logprob):
             weight / bias (and ref_weight / ref_bias) are this rank's shard, everything else the same on every
             rank; the loss and metrics are the whole-vocabulary ones on every rank, hidden's gradient is complete
@@ -240,8 +256,20 @@ class FusedLinearDPHLoss(torch.nn.Module):
                  kl_beta=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean", temperature=1.0,
                  ignore_index=-100, impl="auto", divergence_clamp=None, norm_length=None, log_entropy=False,
                  divergence_mode="sampled", softcap=None, logit_scale=1.0, ref_softcap=None, ref_logit_scale=1.0,
-                 process_group=None, vocab_size=None):
+                 process_group=None, vocab_size=None, policy_loss="ppo", importance_sampling_level="token",
+                 sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                 vespo_k_neg=3.0, vespo_lambda_neg=2.0, cispo_max_weight=None):
         super().__init__()
+        if policy_loss not in ref.POLICY_LOSSES:
+            raise ValueError(f"policy_loss must be one of {ref.POLICY_LOSSES}, got {policy_loss!r}")
+        if importance_sampling_level not in ref.IS_LEVELS:
+            raise ValueError(f"importance_sampling_level must be one of {ref.IS_LEVELS}, got "
+                             f"{importance_sampling_level!r}")
+        for name, v in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg),
+                        ("vespo_lambda_pos", vespo_lambda_pos), ("vespo_lambda_neg", vespo_lambda_neg),
+                        ("cispo_max_weight", 1.0 if cispo_max_weight is None else cispo_max_weight)):
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v}")
         if divergence is not None:
             _check_kind(divergence, alpha)
         _check_clip(clip_low, clip_high, dual_clip)
@@ -271,7 +299,13 @@ class FusedLinearDPHLoss(torch.nn.Module):
                         divergence_clamp=None if divergence_clamp is None else tuple(map(float, divergence_clamp)),
                         norm_length=norm_length, log_entropy=log_entropy, divergence_mode=divergence_mode,
                         softcap=softcap, logit_scale=logit_scale, ref_softcap=ref_softcap,
-                        ref_logit_scale=ref_logit_scale)
+                        ref_logit_scale=ref_logit_scale, policy_loss=policy_loss,
+                        importance_sampling_level=importance_sampling_level,
+                        sapo_temperature_pos=float(sapo_temperature_pos),
+                        sapo_temperature_neg=float(sapo_temperature_neg), vespo_k_pos=float(vespo_k_pos),
+                        vespo_lambda_pos=float(vespo_lambda_pos), vespo_k_neg=float(vespo_k_neg),
+                        vespo_lambda_neg=float(vespo_lambda_neg),
+                        cispo_max_weight=None if cispo_max_weight is None else float(cispo_max_weight))
 
     @classmethod
     def preset(cls, name, **overrides):
@@ -360,7 +394,9 @@ class FusedLinearDPHLoss(torch.nn.Module):
         masks = [x.reshape(-1) for x in (tok_exp, pef_tok_flag, w_tok, w_exp)]
 
         impl = _checks.resolve_impl(cfg["impl"], device)
-        if impl == "torch" and not self.vp:
+        rows_needed = _needs_rows(cfg)
+        one_pass = impl == "torch" and not self.vp and not rows_needed
+        if one_pass:
             # CPU path: the gradient is computed in the forward pass, chunk by chunk (three matmuls, no recompute).
             loss, logp, entropy, contrib, ratio, flags, kl, div = _chunked_torch_loss(
                 hidden, weight, bias, tgt, cfg, self._head(), need_entropy, token_inputs, masks)
@@ -372,12 +408,16 @@ class FusedLinearDPHLoss(torch.nn.Module):
         else:
             logp, entropy = logprob_core(hidden, weight, tgt, bias, *self._head(), cfg["ignore_index"], need_entropy,
                                          impl, shard)
-        if impl != "torch" or self.vp:
+        if not one_pass:
             flat_logp = logp.reshape(-1)
             args = _fill_inputs(flat_logp, token_inputs, masks)
-            if impl == "triton":
+            if impl == "triton" and cfg["policy_loss"] == "ppo" and not rows_needed:
                 contrib, ratio, flags, kl, div = _TritonTokenLoss.apply(
                     flat_logp, *args, masks[1].to(torch.int8), masks[2].contiguous(), cfg)
+            elif rows_needed:  # sequence aggregates: the per-token math on (B, T), differentiated by autograd
+                contrib, ratio, flags, kl, div = _torch_token_loss(
+                    logp.reshape(B, T), *(None if x is None else x.reshape(B, T) for x in args),
+                    masks[1].reshape(B, T), masks[2].reshape(B, T), cfg, exp_mask=tok_exp)
             else:
                 contrib, ratio, flags, kl, div = _torch_token_loss(flat_logp, *args, masks[1], masks[2], cfg)
             loss = contrib.sum()

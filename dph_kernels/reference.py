@@ -183,8 +183,12 @@ def ppo_clip_token_loss(logp, old_logp, advantages, clip_low=0.2, clip_high=0.2,
 
     Returns (loss, ratio, clipped_low, clipped_high, clipped_dual): the boolean masks mark where each clip binds.
     """
-    log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
+    return ppo_clip_from_log_ratio(logp - old_logp, advantages, clip_low, clip_high, dual_clip)
+
+
+def ppo_clip_from_log_ratio(log_ratio, advantages, clip_low=0.2, clip_high=0.2, dual_clip=None):
+    """ppo_clip_token_loss for a given log-ratio (a token's, or its sequence's: GSPO)."""
+    ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     loss = torch.maximum(unclipped, clipped)
@@ -197,6 +201,66 @@ def ppo_clip_token_loss(logp, old_logp, advantages, clip_low=0.2, clip_high=0.2,
     else:
         clipped_dual = torch.zeros_like(clipped_high)
     return loss, ratio, clipped_low, clipped_high, clipped_dual
+
+
+# Policy losses on the D_exp tokens (FusedLinearDPHLoss(policy_loss=...)), each as TRL 1.16's GRPOTrainer defines it:
+#   ppo    PPO-clip (grpo / bnpo / dr_grpo / dapo / luspo in TRL: they differ only in the aggregation)
+#   cispo  -sg(min(r, cap)) A log pi, cap = cispo_max_weight or 1 + clip_high   (CISPO: a constant IS weight)
+#   sapo   -sigmoid(tau (r - 1)) 4 / tau A, tau = tau_pos if A > 0 else tau_neg   (SAPO's soft gate)
+#   vespo  -sg(phi(w)) A log pi, phi(w) = exp(lam + k log w - lam w), w the sequence's IS ratio (VESPO)
+# importance_sampling_level "sequence" (GSPO) replaces each token's log-ratio by its sequence's mean.
+POLICY_LOSSES = ("ppo", "cispo", "sapo", "vespo")
+IS_LEVELS = ("token", "sequence")
+VESPO_LOG_W_MIN = math.log(1e-8)  # TRL's clamp of the sequence log-ratio
+
+
+def sequence_log_ratio(log_ratio, mask, mean=True):
+    """Each row's (mean | sum) of its token log-ratios over mask (rows, T), broadcast back over the row."""
+    m = mask.to(log_ratio.dtype)
+    total = (log_ratio * m).sum(-1, keepdim=True)
+    if mean:
+        total = total / m.sum(-1, keepdim=True).clamp(min=1.0)
+    return total.expand_as(log_ratio)
+
+
+@torch.no_grad()
+def vespo_weight(log_ratio, advantages, mask, cfg):
+    """VESPO's constant weight phi(w) = exp(lam + k log w - lam w) of each row's IS ratio w = exp(sum of its clamped
+    token log-ratios), k / lam by the advantage's sign; returns (phi, w), broadcast over the row's tokens."""
+    seq = sequence_log_ratio(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), mask, mean=False)
+    log_w = torch.clamp(seq, VESPO_LOG_W_MIN, LOG_RATIO_CLAMP)
+    pos = advantages >= 0
+    k = torch.where(pos, cfg["vespo_k_pos"], cfg["vespo_k_neg"])
+    lam = torch.where(pos, cfg["vespo_lambda_pos"], cfg["vespo_lambda_neg"]).clamp(min=1e-4)
+    phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return phi, torch.exp(log_w)
+
+
+def policy_token_loss(logp, old_logp, advantages, cfg, mask=None):
+    """The D_exp per-token loss of cfg["policy_loss"] at cfg["importance_sampling_level"] (see POLICY_LOSSES).
+    Inputs (rows, T) when a sequence aggregate is needed (sequence level, vespo; mask marks each row's tokens), any
+    shape otherwise. Returns (loss, ratio, clipped_low, clipped_high, clipped_dual) as ppo_clip_token_loss does."""
+    kind = cfg.get("policy_loss", "ppo")
+    log_ratio = logp - old_logp
+    if kind == "vespo":
+        phi, w = vespo_weight(log_ratio, advantages, mask, cfg)
+        none = torch.zeros(torch.broadcast_shapes(log_ratio.shape, advantages.shape), dtype=torch.bool,
+                           device=logp.device)
+        return -phi * advantages * logp, w, none, none, none
+    if cfg.get("importance_sampling_level", "token") == "sequence":
+        log_ratio = sequence_log_ratio(log_ratio, mask)
+    if kind == "ppo":
+        return ppo_clip_from_log_ratio(log_ratio, advantages, cfg["clip_low"], cfg["clip_high"], cfg["dual_clip"])
+    ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    none = torch.zeros(torch.broadcast_shapes(ratio.shape, advantages.shape), dtype=torch.bool, device=logp.device)
+    if kind == "cispo":
+        cap = cfg.get("cispo_max_weight") or 1 + cfg["clip_high"]
+        return -torch.clamp(ratio, max=cap).detach() * advantages * logp, ratio, none, (advantages > 0) & (
+            ratio > cap), none
+    if kind == "sapo":
+        tau = torch.where(advantages > 0, cfg["sapo_temperature_pos"], cfg["sapo_temperature_neg"])
+        return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages, ratio, none, none, none
+    raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {kind!r}")
 
 
 def grpo_advantages(rewards, group_size, norm_std=True, eps=1e-6):

@@ -62,6 +62,19 @@ CASES = [
     for lt in ("grpo", "bnpo", "dr_grpo", "dapo") for beta in (0.0, 0.04)
 ] + [dict(loss_type="grpo", beta=0.0),  # TRL's defaults otherwise: symmetric clip, no delta
      dict(loss_type="dapo", beta=0.04)]  # use_bias_correction_kl=True (TRL's default): fallback
+# The sequence-level and newer losses, fused by dk (no fallback): GSPO (grpo at sequence level, the GSPO paper's
+# clip 3e-4 / 4e-4), LUSPO, CISPO (its IS-weight cap epsilon_high: 1.1, low enough to bind here, and TRL's default
+# 0.2), SAPO, VESPO.
+NEW_LOSS_CASES = [
+    dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, beta=0.0),
+    dict(loss_type="luspo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, beta=0.04,
+         use_bias_correction_kl=False),
+    dict(loss_type="cispo", epsilon_high=1.1, beta=0.0),
+    dict(loss_type="cispo", beta=0.0),  # TRL's default cap: epsilon_high = epsilon = 0.2, below 1
+    dict(loss_type="sapo", beta=0.04, use_bias_correction_kl=False),
+    dict(loss_type="vespo", beta=0.0),
+]
+CASES += NEW_LOSS_CASES
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
@@ -142,8 +155,10 @@ def _parity(case, model_dir, tmp_path, monkeypatch, tol=TOL):
     assert rel[worst] <= tol, f"{worst}: relative difference {rel[worst]:.2e} > {tol}"
     # TRL's metrics, same names and values (the last logged step; log_history[-1] is the run summary)
     la, lb = ref.state.log_history[-2], dph.state.log_history[-2]
-    for key in ("loss", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-                "clip_ratio/low_min", "clip_ratio/high_max") + (("kl",) if case["beta"] else ()):
+    per_type = {"cispo": ("cispo_clip_ratio",), "sapo": (), "vespo": ("vespo/phi_seq_mean",)}
+    clip = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+            "clip_ratio/high_max")
+    for key in ("loss", "entropy") + per_type.get(case["loss_type"], clip) + (("kl",) if case["beta"] else ()):
         assert key in lb, key
         assert lb[key] == pytest.approx(la[key], rel=1e-4, abs=1e-6), key
     if case["beta"] == 0.0:
@@ -269,19 +284,32 @@ def test_bad_arguments_are_named(model_dir, tmp_path):
         dktrl.load_pef_dataset(rows)
     with pytest.raises(ValueError, match="dph="):
         _train(dktrl.DPHGRPOTrainer, model_dir, str(tmp_path / "a"), pef_dataset=_pef_rows(model_dir, 2))
-    with pytest.raises(ValueError, match="loss_type='sapo'"):
-        _train(dktrl.DPHGRPOTrainer, model_dir, str(tmp_path / "b"), loss_type="sapo",
+    with pytest.raises(ValueError, match="top_entropy_quantile < 1"):
+        _train(dktrl.DPHGRPOTrainer, model_dir, str(tmp_path / "b"), top_entropy_quantile=0.5,
                pef_dataset=_pef_rows(model_dir, 2), dph="dph-js")
     with pytest.raises(TypeError, match="dph must be"):
         _train(dktrl.DPHGRPOTrainer, model_dir, str(tmp_path / "c"), dph=3)
 
 
-def test_unsupported_loss_type_falls_back_to_trl_math_on_dk_logprobs(model_dir, tmp_path, monkeypatch):
+def test_unsupported_setting_falls_back_to_trl_math_on_dk_logprobs(model_dir, tmp_path, monkeypatch):
     import trl.trainer.utils as trl_utils
     monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", _NoTRLKernel)
-    tr = _train(dktrl.DPHGRPOTrainer, model_dir, str(tmp_path / "o"), loss_type="sapo", max_steps=1)
-    assert tr._dk_fallback == ["loss_type='sapo'"]
-    tr.train()  # TRL's sapo loss, with every log-prob from dk (TRL's kernel would raise)
+    tr = _train(dktrl.DPHGRPOTrainer, model_dir, str(tmp_path / "o"), top_entropy_quantile=0.5, max_steps=1)
+    assert tr._dk_fallback == ["top_entropy_quantile < 1"]
+    tr.train()  # TRL's loss with an entropy mask, with every log-prob from dk (TRL's kernel would raise)
+
+
+@pytest.mark.parametrize("case", NEW_LOSS_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_dph_rl_trains_with_every_loss_type(case, model_dir, tmp_path):
+    """pef_dataset + dph="dph-js" with each newer loss type: D_pef rows get the divergence, D_exp rows the loss."""
+    tr = _train(dktrl.DPHGRPOTrainer, model_dir, str(tmp_path / "o"), pef_dataset=_pef_rows(model_dir, 4),
+                dph="dph-js", max_steps=2, reward=H.reward_len_parity, **case)
+    assert tr._dk_fallback == [] and tr.dph_loss.cfg["divergence"] == "js"
+    p0 = _params(tr)
+    tr.train()
+    logs = [h for h in tr.state.log_history if "dph/divergence_mean" in h]
+    assert len(logs) == 2 and all(h["dph/pef_tokens"] > 0 for h in logs)
+    assert any(float((p - p0[n]).norm()) > 0 for n, p in tr.model.named_parameters())
 
 
 def test_dph_kernels_imports_without_trl():
@@ -313,12 +341,15 @@ def test_ddp_two_processes_train_and_stay_in_sync(model_dir, tmp_path):
     assert rep["steps"] == 2 and rep["dph_loss_calls"] == [2, 2]
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_dk_loss_equals_trl_loss_math_on_one_micro_batch(loss_type, model_dir, tmp_path):
+LOSS_MATH_CASES = [dict(loss_type=lt, beta=0.04, use_bias_correction_kl=False, epsilon_high=0.28, delta=1.5)
+                   for lt in ("grpo", "bnpo", "dr_grpo", "dapo")] + NEW_LOSS_CASES
+
+
+@pytest.mark.parametrize("case", LOSS_MATH_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_dk_loss_equals_trl_loss_math_on_one_micro_batch(case, model_dir, tmp_path):
     """The loss math alone: on the same micro-batch (off-policy, clipped), with the same (dk) log-probs, dk's fused
-    loss and TRL's _compute_loss give the same value and gradients."""
-    tr = _train(dktrl.DPHGRPOTrainer, model_dir, str(tmp_path / "o"), **PARITY_ARGS, loss_type=loss_type, beta=0.04,
-                use_bias_correction_kl=False, epsilon_high=0.28, delta=1.5, max_steps=2)
+    loss and TRL's own _compute_loss (the real package) give the same value and gradients, for every loss type."""
+    tr = _train(dktrl.DPHGRPOTrainer, model_dir, str(tmp_path / "o"), **PARITY_ARGS, **case, max_steps=2)
     caught = []
     inner = tr._compute_loss
     tr._compute_loss = lambda m, i: caught.append((m, i)) or inner(m, i)

@@ -144,8 +144,7 @@ def composed_reference(b, cfg, dtype=torch.float64, hidden=None, weight=None, no
     logp, ent = ref.linear_logprob(h, w, tgt, None, cfg["temperature"], -100, True, cfg.get("softcap"),
                                    cfg.get("logit_scale", 1.0))
     ct = logp.dtype
-    loss_t, ratio, lo, hi, dual = ref.ppo_clip_token_loss(logp, b["old"].to(ct), b["adv"].to(ct)[:, None],
-                                                          cfg["clip_low"], cfg["clip_high"], cfg["dual_clip"])
+    loss_t, ratio, lo, hi, dual = ref.policy_token_loss(logp, b["old"].to(ct), b["adv"].to(ct)[:, None], cfg, tok_exp)
     if cfg["kl_beta"]:
         loss_t = loss_t + cfg["kl_beta"] * ref.kl_estimate(logp, b["online_ref"].to(ct), cfg["kl_estimator"])
     loss_t = loss_t - cfg["entropy_coef"] * ent
@@ -216,6 +215,48 @@ def test_fused_matches_composed_reference(impl, agg, kind, i):
                           torch.where(b["loss_mask"], b["targets"], -100), temperature=cfg["temperature"],
                                           softcap=cfg["softcap"], logit_scale=cfg["logit_scale"]),
                           atol=1e-5)
+
+
+# The newer policy losses (reference.POLICY_LOSSES, TRL 1.16's definitions), with D_pef rows mixed in: GSPO (PPO on
+# the sequence's mean log-ratio), LUSPO (the same, summed per sequence), CISPO, SAPO, VESPO. The torch path takes the
+# one-pass chunked loss for the token-level ones and the two-pass route for the rest.
+POLICY_CASES = [
+    dict(policy_loss="ppo", importance_sampling_level="sequence", loss_agg="seq-mean-token-mean", clip_low=0.05,
+         clip_high=0.08),
+    dict(policy_loss="ppo", importance_sampling_level="sequence", loss_agg="seq-mean-token-sum", kl_beta=0.05),
+    dict(policy_loss="cispo", loss_agg="token-mean", clip_high=0.3),
+    dict(policy_loss="cispo", loss_agg="token-mean", cispo_max_weight=0.5),
+    dict(policy_loss="sapo", loss_agg="seq-mean-token-mean", sapo_temperature_pos=1.0, sapo_temperature_neg=1.05),
+    dict(policy_loss="vespo", loss_agg="token-mean"),
+]
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("case", POLICY_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_fused_policy_losses_match_composed_reference(impl, case):
+    full = dict(divergence="js", eta=0.3, alpha=0.5, clip_low=0.2, clip_high=0.28, dual_clip=None, kl_beta=0.0,
+                kl_estimator="k3", entropy_coef=0.0, temperature=1.0, divergence_clamp=None, policy_loss="ppo",
+                importance_sampling_level="token", sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+                vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0, cispo_max_weight=None)
+    cfg = {**full, **case}
+    b = make_batch(seed=7)
+    loss_fn = dk.FusedLinearDPHLoss(**cfg, impl=impl)
+    out, dh, dw = run_fused(b, loss_fn)
+    L32, dh32, dw32, _ = run_composed(b, cfg, torch.float32)
+    L64, dh64, dw64, _ = run_composed(b, cfg, torch.float64)
+    assert float(dh64.abs().max()) > 0 and float(L64) != 0
+    for name, k, s32, t in [("loss", out.loss.detach(), L32.detach(), L64.detach()), ("dH", dh, dh32, dh64),
+                            ("dW", dw, dw32, dw64)]:
+        assert_contract(f"{impl} {case} {name}", k, s32, t, torch.float32)
+
+
+def test_bad_policy_loss_arguments():
+    with pytest.raises(ValueError, match="policy_loss"):
+        dk.FusedLinearDPHLoss(policy_loss="gspo")
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        dk.FusedLinearDPHLoss(importance_sampling_level="seq")
+    with pytest.raises(ValueError, match="sapo_temperature_neg"):
+        dk.FusedLinearDPHLoss(policy_loss="sapo", sapo_temperature_neg=0.0)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

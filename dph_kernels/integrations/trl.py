@@ -14,13 +14,14 @@ What changes against `GRPOTrainer` (pinned: trl==1.16.0; the hooks below are pri
   passed to the kernels (model_head; checked once against the model's own logits, refused if dk cannot reproduce
   them).
 * The loss (`_compute_loss`) is `dk.FusedLinearDPHLoss`, run inside the wrapped model's forward (so DDP / FSDP hooks
-  fire as for any forward), for loss_type grpo / bnpo / dr_grpo / dapo with TRL's normalisers: epsilon /
+  fire as for any forward), for loss_type grpo / bnpo / dr_grpo / dapo / luspo / cispo / sapo / vespo, token- or
+  sequence-level importance sampling (GSPO), with TRL's normalisers: epsilon /
   epsilon_high (clip-higher), delta (= dk's dual clip when delta >= 1 + epsilon_high, which TRL recommends),
   beta > 0 with TRL's k3 estimator against its reference model, and vLLM's importance-sampling ratio (folded into
   the advantages: PPO-clip is positively homogeneous in A, so IS * loss(A) = loss(IS * A) for IS >= 0). Logged
-  metrics keep TRL's names (entropy, kl, clip_ratio/...). Settings dk does not express (other loss types,
-  sequence-level importance sampling, off-policy masks, entropy masks or bonus, use_bias_correction_kl, MoE aux
-  loss) fall back to TRL's own loss math on dk's log-probs.
+  metrics keep TRL's names (entropy, kl, clip_ratio/..., cispo_clip_ratio, vespo/phi_seq_mean). Settings dk does
+  not express (off-policy masks, entropy masks or bonus, use_bias_correction_kl, MoE aux loss, vespo with vLLM's
+  importance-sampling correction) fall back to TRL's own loss math on dk's log-probs.
 * DPH-RL: `pef_dataset=` holds stored pi_ref samples (prompt ids, completion ids, per-token log pi_ref; the format
   `dph-train presample` writes, or `build_pef_dataset`'s) and `dph=` a preset name ("dph-js", "dph-f", "alpha") or a
   `dk.FusedLinearDPHLoss`. Each optimizer step, each process takes `pef_per_step` stored samples (a shuffled pass
@@ -42,18 +43,22 @@ from contextlib import nullcontext
 import torch
 
 from .. import _checks
+from .. import reference as ref
 from ..fused import FusedLinearDPHLoss
 from ..linear_logprob import linear_logprob
 from .hf_head import head_transform, verify_head
 
 TRL_VERSION = "1.16.0"  # the version these hooks are written and tested against
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo", "cispo", "sapo", "vespo")
 PEF_KEY = "dph_pef"  # where _prepare_inputs puts a micro-batch's stored D_pef rows
 IGNORE = -100
 _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
                     "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 # The aggregation of each TRL loss type in dk's terms (the normaliser is set per micro-batch in _normalizers).
-_LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "token-mean", "dapo": "token-mean"}
+_LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "token-mean", "dapo": "token-mean",
+             "luspo": "seq-mean-token-sum", "cispo": "token-mean", "sapo": "seq-mean-token-mean", "vespo": "token-mean"}
+# dk's policy_loss of each TRL loss type (reference.POLICY_LOSSES); the rest are PPO-clip with another aggregation.
+_POLICY = {"cispo": "cispo", "sapo": "sapo", "vespo": "vespo"}
 
 
 def _require_trl():
@@ -423,12 +428,19 @@ def _build_trainer_class():
                     raise ValueError(f"pef_dataset (DPH-RL) needs dk's loss, which does not express "
                                      f"{', '.join(self._dk_fallback)}")
             delta = self.args.delta
+            policy = _POLICY.get(self.loss_type, "ppo")
+            a = self.args
             target = self.model.get_base_model() if is_peft_model(self.model) else self.model
             self.dph_loss = FusedLinearDPHLoss(
-                **div, clip_low=self.epsilon_low, clip_high=self.epsilon_high,
-                dual_clip=delta if (delta is not None and not self._dk_fallback) else None,
+                **div, clip_low=self.epsilon_low,
+                clip_high=self.epsilon_high, cispo_max_weight=self.epsilon_high if policy == "cispo" else None,
+                dual_clip=delta if (delta is not None and policy == "ppo" and not self._dk_fallback) else None,
                 kl_beta=self.beta, kl_estimator="k3", loss_agg=_LOSS_AGG.get(self.loss_type, "token-mean"),
-                temperature=self.temperature, log_entropy=True, **model_head(target))
+                temperature=self.temperature, log_entropy=True, policy_loss=policy,
+                importance_sampling_level=self.importance_sampling_level,
+                sapo_temperature_pos=a.sapo_temperature_pos, sapo_temperature_neg=a.sapo_temperature_neg,
+                vespo_k_pos=a.vespo_k_pos, vespo_lambda_pos=a.vespo_lambda_pos, vespo_k_neg=a.vespo_k_neg,
+                vespo_lambda_neg=a.vespo_lambda_neg, **model_head(target))
             self._pef = None
             if pef_dataset is not None:
                 per_step = self.args.per_device_train_batch_size if pef_per_step is None else pef_per_step
@@ -446,8 +458,8 @@ def _build_trainer_class():
             a, out = self.args, []
             if self.loss_type not in SUPPORTED_LOSS_TYPES:
                 out.append(f"loss_type={self.loss_type!r}")
-            if self.importance_sampling_level != "token":
-                out.append(f"importance_sampling_level={self.importance_sampling_level!r}")
+            if self.loss_type == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction:
+                out.append("vespo with vLLM's importance-sampling correction (inside its sequence weight)")
             if self.off_policy_mask_threshold is not None:
                 out.append("off_policy_mask_threshold")
             if self.top_entropy_quantile < 1.0:
@@ -458,7 +470,8 @@ def _build_trainer_class():
                 out.append("the MoE router aux loss")
             if self.beta != 0.0 and a.use_bias_correction_kl:
                 out.append("use_bias_correction_kl")
-            if a.delta is not None and not (a.delta > 1 and a.delta >= 1 + self.epsilon_high):
+            if (a.delta is not None and _POLICY.get(self.loss_type, "ppo") == "ppo"
+                    and not (a.delta > 1 and a.delta >= 1 + self.epsilon_high)):
                 out.append(f"delta={a.delta} < 1 + epsilon_high (not a dual clip)")
             return out
 
@@ -560,13 +573,13 @@ def _build_trainer_class():
             ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             B = b["n_exp"]
             exp_mask = b["loss_mask"][:B]
-            if self.loss_type == "grpo":
+            if self.loss_type in ("grpo", "sapo", "luspo"):
                 n = B * ga
             elif self.loss_type == "bnpo":
                 n = float(exp_mask.sum().clamp(min=1)) * ga
             elif self.loss_type == "dr_grpo":
                 n = B * self.max_completion_length * ga
-            else:  # dapo: num_items_in_batch spans the generation batch; rescale it to one accumulation window
+            else:  # dapo, cispo, vespo: num_items_in_batch spans the generation batch; one accumulation window
                 n = float(inputs["num_items_in_batch"].clamp(min=1.0)) / self.accelerator.num_processes
                 if mode == "train":
                     n = n * self.current_gradient_accumulation_steps / self.args.steps_per_generation
@@ -596,18 +609,36 @@ def _build_trainer_class():
             n_exp = torch.tensor(float(out.metrics["n_tokens_exp"]), device=logp.device)
             ent_sum = torch.tensor(out.metrics.get("entropy_mean_exp", 0.0), device=logp.device) * n_exp
             metrics["entropy"].append(global_mean(ent_sum, n_exp))
-            coef_1 = torch.exp(logp - old)
-            if self.args.delta is not None:
-                coef_1 = torch.clamp(coef_1, max=self.args.delta)
-            adv = b["sign_adv"][:B]
-            low = ((coef_1 < 1 - self.epsilon_low) & (adv < 0)).float()
-            high = ((coef_1 > 1 + self.epsilon_high) & (adv > 0)).float()
-            metrics["clip_ratio/low_mean"].append(gmm(low))
-            metrics["clip_ratio/high_mean"].append(gmm(high))
-            metrics["clip_ratio/region_mean"].append(gmm(torch.maximum(low, high)))
-            seq = mask.sum(-1)
-            metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather((low * mask).sum(-1) / seq)).item())
-            metrics["clip_ratio/high_max"].append(nanmax(self.accelerator.gather((high * mask).sum(-1) / seq)).item())
+            policy, adv = _POLICY.get(self.loss_type, "ppo"), b["sign_adv"][:B]
+            per_seq = self.importance_sampling_level == "sequence"
+
+            def mean_of(x, one_per_row):  # TRL: a (B, 1) quantity is averaged over rows, a (B, T) one over tokens
+                return global_mean(x[:, 0].sum(), torch.tensor(float(B), device=x.device)) if one_per_row else gmm(x)
+
+            def row_values(x, one_per_row):
+                return x[:, 0] if one_per_row else (x * mask).sum(-1) / mask.sum(-1)
+
+            log_ratio = logp - old
+            if policy == "vespo":  # TRL logs the mean sequence weight
+                phi, _ = ref.vespo_weight(log_ratio, adv, mask, self.dph_loss.cfg)
+                metrics["vespo/phi_seq_mean"].append(mean_of(phi, True))
+            if per_seq:
+                log_ratio = ref.sequence_log_ratio(log_ratio, mask)
+            coef_1 = torch.exp(log_ratio)
+            if policy == "cispo":
+                metrics["cispo_clip_ratio"].append(mean_of(((coef_1 > self.epsilon_high) & (adv > 0)).float(),
+                                                           per_seq))
+            if policy == "ppo":
+                if self.args.delta is not None:
+                    coef_1 = torch.clamp(coef_1, max=self.args.delta)
+                low = ((coef_1 < 1 - self.epsilon_low) & (adv < 0)).float()
+                high = ((coef_1 > 1 + self.epsilon_high) & (adv > 0)).float()
+                metrics["clip_ratio/low_mean"].append(mean_of(low, per_seq))
+                metrics["clip_ratio/high_mean"].append(mean_of(high, per_seq))
+                metrics["clip_ratio/region_mean"].append(mean_of(torch.maximum(low, high), per_seq))
+                metrics["clip_ratio/low_min"].append(nanmin(self.accelerator.gather(row_values(low, per_seq))).item())
+                metrics["clip_ratio/high_max"].append(
+                    nanmax(self.accelerator.gather(row_values(high, per_seq))).item())
             if self._pef is not None and mode == "train":
                 n_pef = torch.tensor(float(out.metrics["n_tokens_pef"]), device=logp.device)
                 div_sum = torch.tensor(out.metrics["divergence_mean"], device=logp.device) * n_pef
