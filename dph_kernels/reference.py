@@ -208,7 +208,8 @@ def ppo_clip_from_log_ratio(log_ratio, advantages, clip_low=0.2, clip_high=0.2, 
 #   cispo  -sg(min(r, cap)) A log pi, cap = cispo_max_weight or 1 + clip_high   (CISPO: a constant IS weight)
 #   sapo   -sigmoid(tau (r - 1)) 4 / tau A, tau = tau_pos if A > 0 else tau_neg   (SAPO's soft gate)
 #   vespo  -sg(phi(w)) A log pi, phi(w) = exp(lam + k log w - lam w), w the sequence's IS ratio (VESPO)
-# importance_sampling_level "sequence" (GSPO) replaces each token's log-ratio by its sequence's mean.
+# importance_sampling_level "sequence" (GSPO) replaces each token's log-ratio by its sequence's mean (in value; see
+# policy_token_loss for its gradient).
 POLICY_LOSSES = ("ppo", "cispo", "sapo", "vespo")
 IS_LEVELS = ("token", "sequence")
 VESPO_LOG_W_MIN = math.log(1e-8)  # TRL's clamp of the sequence log-ratio
@@ -248,15 +249,19 @@ def policy_token_loss(logp, old_logp, advantages, cfg, mask=None):
                            device=logp.device)
         return -phi * advantages * logp, w, none, none, none
     if cfg.get("importance_sampling_level", "token") == "sequence":
-        log_ratio = sequence_log_ratio(log_ratio, mask)
+        # The value is the sequence's mean log-ratio; each token's gradient goes to its own log-prob (GSPO's
+        # sg[s_i] pi_t / sg[pi_t] form, as verl writes it). With one advantage per sequence and any aggregation
+        # whose weights are constant along a row (all of loss_agg's), the gradients equal those of differentiating
+        # through the mean (TRL's form); with per-token advantages this is the per-token form.
+        log_ratio = logp - logp.detach() + sequence_log_ratio(log_ratio, mask).detach()
     if kind == "ppo":
         return ppo_clip_from_log_ratio(log_ratio, advantages, cfg["clip_low"], cfg["clip_high"], cfg["dual_clip"])
     ratio = torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     none = torch.zeros(torch.broadcast_shapes(ratio.shape, advantages.shape), dtype=torch.bool, device=logp.device)
-    if kind == "cispo":
+    if kind == "cispo":  # TRL: one-sided, min(r, cap); verl also bounds it below (cispo_min_weight)
         cap = cfg.get("cispo_max_weight") or 1 + cfg["clip_high"]
-        return -torch.clamp(ratio, max=cap).detach() * advantages * logp, ratio, none, (advantages > 0) & (
-            ratio > cap), none
+        weight = torch.clamp(ratio, min=cfg.get("cispo_min_weight"), max=cap).detach()
+        return -weight * advantages * logp, ratio, none, (advantages > 0) & (ratio > cap), none
     if kind == "sapo":
         tau = torch.where(advantages > 0, cfg["sapo_temperature_pos"], cfg["sapo_temperature_neg"])
         return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages, ratio, none, none, none

@@ -25,6 +25,8 @@ from dph_kernels.integrations import verl as dkverl  # noqa: E402
 
 def test_entry_point_registers_the_loss():
     assert get_policy_loss_fn("dph_ppo") is dkverl.dph_ppo_policy_loss
+    for name, fn in dkverl.NEWER_LOSSES.items():
+        assert get_policy_loss_fn(name) is fn
 
 
 def _batch(B=4, P=3, R=7, seed=0, with_is=False):
@@ -74,6 +76,37 @@ def test_verl_ppo_loss_with_dph_ppo_equals_vanilla(agg, with_is):
     for k in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
         assert md[k] == pytest.approx(mv[k], rel=1e-5, abs=1e-7), k
     assert mv["actor/pg_clipfrac"] > 0 and mv["actor/pg_clipfrac_lower"] > 0  # both clips bind in this batch
+
+
+@pytest.mark.parametrize("with_is", [False, True])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("name", ["gspo", "sapo", "cispo"])
+def test_newer_verl_losses_through_dk_equal_verls_own(name, agg, with_is):
+    """dph_gspo / dph_sapo / dph_cispo (dk's math) against verl's own gspo / sapo / cispo: loss, gradient, metrics."""
+    results = {}
+    for mode in (name, f"dph_{name}"):
+        logp, packed, data, mask = _batch(with_is=with_is, seed=3)
+        if name == "gspo":  # GSPO's sequence ratio clips at 1 +- a few 1e-4 (its paper's setting)
+            data["old_log_probs"] = logp.detach() + 0.001 * torch.randn(logp.shape,
+                                                                        generator=torch.Generator().manual_seed(4))
+        B = mask.shape[0]
+        tu.assign_non_tensor(data, dp_size=2, batch_num_tokens=int(mask.sum()) * 2, global_batch_size=2 * B)
+        clip = (3e-4, 4e-4) if name == "gspo" else (0.2, 0.28)
+        cfg = FSDPActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, ppo_mini_batch_size=4, rollout_n=1,
+                              use_dynamic_bsz=False, loss_agg_mode=agg, clip_ratio_low=clip[0], clip_ratio_high=clip[1],
+                              policy_loss=dataclasses.replace(PolicyLossConfig(), loss_mode=mode))
+        loss, metrics = ppo_loss(cfg, {"log_probs": packed}, data)
+        loss.backward()
+        results[mode] = (float(loss.detach()), logp.grad.clone(),
+                         {k: float(torch.as_tensor(v.values[0])) for k, v in metrics.items()})
+    (lv, gv, mv), (ld, gd, md) = results[name], results[f"dph_{name}"]
+    assert abs(lv) > 1e-4 and float(gv.abs().max()) > 1e-3
+    assert ld == pytest.approx(lv, rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(gd, gv, rtol=1e-5, atol=1e-7)
+    for k in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
+        assert md[k] == pytest.approx(mv[k], rel=1e-5, abs=1e-7), k
+    if name != "sapo":
+        assert mv["actor/pg_clipfrac"] > 0  # the clip binds in this batch
 
 
 def test_unsupported_aggregation_is_named():

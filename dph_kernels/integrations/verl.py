@@ -5,6 +5,8 @@ loads it and verl's policy-loss registry gains:
 
     dph_ppo   PPO-clip / GRPO (clip_ratio_low / clip_ratio_high, dual clip clip_ratio_c, rollout_is_weights) through
               dph_kernels' PPO-clip math, with verl's loss_agg_mode and global-batch normalisation.
+    dph_gspo, dph_sapo, dph_cispo   verl's gspo / sapo / cispo through dph_kernels' math (NEWER_LOSSES; the
+              differences from verl's own, at extreme ratios only, are listed beside _VERL_POLICY).
 
 Enable it from a verl config:  actor_rollout_ref.actor.policy_loss.loss_mode=dph_ppo
 (with VERL_USE_EXTERNAL_PLUGINS unset or listing `dph`). rollout_is_weights (>= 0) are folded into the advantages:
@@ -69,6 +71,63 @@ def dph_ppo_policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_
     metrics = {"actor/pg_clipfrac": m["clipfrac_low"] + m["clipfrac_high"], "actor/ppo_kl": ppo_kl,
                "actor/pg_clipfrac_lower": m["clipfrac_dual"]}
     return loss, metrics
+
+
+# verl's newer policy losses, as dk's (reference.policy_token_loss), registered as dph_<name>:
+#   gspo   PPO-clip of the sequence's mean log-ratio (verl's stop-gradient per-token form has the same values and
+#          gradients; verl clamps the log-ratio at +10 where dk clamps at +-20), no dual clip, verl's loss_agg_mode
+#   sapo   the soft gate with config.tau_pos / tau_neg; verl aggregates it seq-mean-token-mean whatever loss_agg_mode
+#   cispo  the IS weight clamp(r, 1 - clip_ratio_low, 1 + clip_ratio_high) (verl bounds it on both sides; TRL's is
+#          one-sided) as a constant times -A log pi
+# rollout_is_weights (>= 0) fold into the advantages: each loss is positively homogeneous in A.
+_VERL_POLICY = {"gspo": dict(policy_loss="ppo", importance_sampling_level="sequence"),
+                "sapo": dict(policy_loss="sapo"), "cispo": dict(policy_loss="cispo")}
+
+
+def _dk_policy_loss(name, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                    rollout_is_weights):
+    from .. import reference as ref
+    from ..losses import aggregate
+
+    if config is None:
+        raise ValueError("config (verl's ActorConfig) is required: it holds the clip ratios and SAPO's taus")
+    clip = config.clip_ratio
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
+    cfg = dict(clip_low=low, clip_high=high, dual_clip=None, sapo_temperature_pos=config.get("tau_pos", 1.0),
+               sapo_temperature_neg=config.get("tau_neg", 1.05), cispo_min_weight=1 - low,
+               cispo_max_weight=1 + high, **_VERL_POLICY[name])
+    mask = response_mask.bool()
+    adv = advantages if rollout_is_weights is None else advantages * rollout_is_weights
+    loss_tok, ratio, lo, hi, _ = ref.policy_token_loss(log_prob, old_log_prob, adv, cfg, mask)
+    agg = "seq-mean-token-mean" if name == "sapo" else loss_agg_mode
+    info = dict(getattr(config, "global_batch_info", None) or {})
+    normalizer, norm_length = _normalizer(agg, mask, **info)
+    loss = aggregate(loss_tok, mask, agg, normalizer=normalizer, norm_length=norm_length)
+    n = mask.sum().clamp(min=1)
+
+    def masked_mean(x):
+        return float(torch.where(mask, x.detach().float(), torch.zeros_like(log_prob)).sum() / n)
+
+    clipped = {"gspo": lo | hi, "sapo": torch.zeros_like(mask),
+               "cispo": (ratio < 1 - low) | (ratio > 1 + high)}[name]
+    metrics = {"actor/pg_clipfrac": masked_mean(clipped), "actor/ppo_kl": masked_mean(old_log_prob - log_prob),
+               "actor/pg_clipfrac_lower": 0.0}
+    return loss, metrics
+
+
+def _verl_loss(name):
+    def policy_loss(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+                    rollout_is_weights=None):
+        return _dk_policy_loss(name, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
+                               rollout_is_weights)
+
+    policy_loss.__name__ = f"dph_{name}_policy_loss"
+    policy_loss.__doc__ = f"verl's {name!r} policy loss through dph_kernels' math (verl's signature)."
+    return policy_loss
+
+
+NEWER_LOSSES = {f"dph_{name}": _verl_loss(name) for name in _VERL_POLICY}
 
 
 def make_dph_loss(divergence="js", eta=0.2, alpha=0.5, divergence_clamp=None):
@@ -152,8 +211,9 @@ def register():
     """Register dph_ppo in verl's policy-loss registry (idempotent)."""
     from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, register_policy_loss
 
-    if LOSS_NAME not in POLICY_LOSS_REGISTRY:
-        register_policy_loss(LOSS_NAME)(dph_ppo_policy_loss)
+    for name, fn in {LOSS_NAME: dph_ppo_policy_loss, **NEWER_LOSSES}.items():
+        if name not in POLICY_LOSS_REGISTRY:
+            register_policy_loss(name)(fn)
 
 
 try:  # the entry point imports this module while `import verl` runs
