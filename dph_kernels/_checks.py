@@ -36,12 +36,13 @@ def check_tensor(name, x, *, ndim=None, min_ndim=None, dtypes=None, integer=Fals
 
 def check_mask(name, mask, *, shape, shape_of=None, device=None, device_of="hidden"):
     """A 0/1 selection: bool, or an integer / float tensor holding only 0 and 1 (a 0.5 is an error, not a 1).
-    Returns it as bool. (A non-bool mask costs one reduction, which syncs on CUDA.)"""
+    Returns it as bool. (A non-bool mask costs one reduction, which syncs on CUDA; under torch.compile the value check
+    is skipped.)"""
     check_tensor(name, mask, shape=shape, shape_of=shape_of, device=device, device_of=device_of)
     if mask.dtype.is_complex:
         raise TypeError(f"{name} must be a bool, integer or float tensor of 0 / 1, got {mask.dtype}")
     if mask.dtype != torch.bool:
-        if not bool(((mask == 0) | (mask == 1)).all()):
+        if not torch.compiler.is_compiling() and not bool(((mask == 0) | (mask == 1)).all()):
             bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
             raise ValueError(f"{name} must hold only 0 and 1 (or be bool), got {bad}")
         mask = mask != 0

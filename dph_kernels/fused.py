@@ -30,7 +30,7 @@ import torch
 from . import _checks
 from . import reference as ref
 from .linear_logprob import linear_logprob, logprob_core
-from .losses import _check_agg, _check_clip, _check_kind, masked_max, masked_mean
+from .losses import _check_agg, _check_clip, _check_kind
 
 PRESETS = {
     # The paper's baselines and methods; ratios are clipped with eps_low = 0.2 and a dual clip c = 3 throughout.
@@ -356,7 +356,11 @@ class FusedLinearDPHLoss(torch.nn.Module):
         B, T, tok_exp, tok_pef, tok, shard = self._check(hidden, weight, targets, loss_mask, is_pef, bias,
                                                   (ref_hidden, ref_weight, ref_bias))
         exact = cfg["divergence_mode"] == "exact"
-        has_exp, has_pef = bool(tok_exp.any()), bool(tok_pef.any())
+        compiling = torch.compiler.is_compiling()
+        if compiling:  # no host sync: which sets have tokens is not read back, so every input a set needs is required
+            has_exp, has_pef = True, cfg["divergence"] is not None
+        else:
+            has_exp, has_pef = bool(tok_exp.any()), bool(tok_pef.any())
         if has_exp and advantages is None:
             raise ValueError("advantages is required: the batch has D_exp (is_pef=False) tokens")
         if has_exp and cfg["kl_beta"] != 0 and online_ref_logp is None:
@@ -373,9 +377,11 @@ class FusedLinearDPHLoss(torch.nn.Module):
         tgt = torch.where(tok, targets, torch.full_like(targets, cfg["ignore_index"]))
         # Inputs the math reads outside their own set are later replaced by log pi_theta itself (ratio 1, finite),
         # so padding (even NaN / -inf) never reaches a value or a gradient.
-        old = self._pick("old_logp", old_logp, targets, tok_exp)
-        refl = self._pick("ref_logp", ref_logp, targets, None if exact else tok_pef)
-        oref = self._pick("online_ref_logp", online_ref_logp, targets, tok_exp if cfg["kl_beta"] else None)
+        checked = not compiling  # stored log-probs are value-checked in eager mode only
+        old = self._pick("old_logp", old_logp, targets, tok_exp if checked else None)
+        refl = self._pick("ref_logp", ref_logp, targets, None if exact or not checked else tok_pef)
+        oref = self._pick("online_ref_logp", online_ref_logp, targets,
+                          tok_exp if cfg["kl_beta"] and checked else None)
         if exact:
             refl = None  # the exact divergence reads the reference head, not stored log-probs
         if not cfg["kl_beta"]:
@@ -394,8 +400,10 @@ class FusedLinearDPHLoss(torch.nn.Module):
         masks = [x.reshape(-1) for x in (tok_exp, pef_tok_flag, w_tok, w_exp)]
 
         impl = _checks.resolve_impl(cfg["impl"], device)
+        # Under torch.compile the log-probs come from one custom op and the token math is traced: no chunked
+        # autograd.Function, no Triton elementwise launch.
         rows_needed = _needs_rows(cfg)
-        one_pass = impl == "torch" and not self.vp and not rows_needed
+        one_pass = impl == "torch" and not self.vp and not rows_needed and not compiling
         if one_pass:
             # CPU path: the gradient is computed in the forward pass, chunk by chunk (three matmuls, no recompute).
             loss, logp, entropy, contrib, ratio, flags, kl, div = _chunked_torch_loss(
@@ -411,7 +419,7 @@ class FusedLinearDPHLoss(torch.nn.Module):
         if not one_pass:
             flat_logp = logp.reshape(-1)
             args = _fill_inputs(flat_logp, token_inputs, masks)
-            if impl == "triton" and cfg["policy_loss"] == "ppo" and not rows_needed:
+            if impl == "triton" and cfg["policy_loss"] == "ppo" and not rows_needed and not compiling:
                 contrib, ratio, flags, kl, div = _TritonTokenLoss.apply(
                     flat_logp, *args, masks[1].to(torch.int8), masks[2].contiguous(), cfg)
             elif rows_needed:  # sequence aggregates: the per-token math on (B, T), differentiated by autograd
@@ -449,6 +457,9 @@ class FusedLinearDPHLoss(torch.nn.Module):
 
         metrics = self._metrics(loss, contrib, logp, old, ratio, flags, kl, div, entropy, tok, tok_exp, tok_pef,
                                 is_pef, w_pef, exact)
+        if not compiling:  # Python numbers, read back in one transfer; under compile they stay 0-dim tensors
+            values = torch.stack([v.detach().double() for v in metrics.values()]).tolist()
+            metrics = {k: int(v) if k.startswith("n_") else v for k, v in zip(metrics, values)}
         return DPHLossOutput(loss=loss, metrics=metrics, logp=lp0)
 
     # ---------------------------------------------------------------------------------------------------- helpers
@@ -459,8 +470,9 @@ class FusedLinearDPHLoss(torch.nn.Module):
         B, T, _ = hidden.shape
         from .distributed import vocab_shard
         shard = vocab_shard(self.vp.get("process_group"), weight, self.vp.get("vocab_size"))
-        _checks.check_targets_range(targets, weight.shape[0] if shard is None else shard.vocab_size,
-                                    self.cfg["ignore_index"])
+        if not torch.compiler.is_compiling():  # a value check (a host sync): eager only
+            _checks.check_targets_range(targets, weight.shape[0] if shard is None else shard.vocab_size,
+                                        self.cfg["ignore_index"])
         loss_mask = _checks.check_mask("loss_mask", loss_mask, shape=(B, T), shape_of="targets", device=hidden.device)
         _checks.check_tensor("is_pef", is_pef, shape=(B,), shape_of="hidden's batch", device=hidden.device,
                              dtypes=(torch.bool,))
@@ -494,27 +506,33 @@ class FusedLinearDPHLoss(torch.nn.Module):
 
     def _metrics(self, loss, contrib, logp, old, ratio, flags, kl, div, entropy, tok, tok_exp, tok_pef, is_pef,
                  w_pef, exact):
+        """0-dim tensors (no host sync); forward turns them into Python numbers in eager mode."""
         c = contrib.detach()
+        mean, zero = _masked_mean, torch.zeros((), device=c.device)
         m = {
-            "loss": float(loss.detach()),
-            "loss_exp": float(torch.where(tok_exp, c, torch.zeros_like(c)).sum()),
-            "n_tokens_exp": int(tok_exp.sum()), "n_tokens_pef": int(tok_pef.sum()),
-            "n_seqs_exp": int((tok_exp.any(-1)).sum()), "n_seqs_pef": int((tok_pef.any(-1)).sum()),
-            "clipfrac_low": masked_mean((flags & 1).bool().float(), tok_exp),
-            "clipfrac_high": masked_mean((flags & 2).bool().float(), tok_exp),
-            "clipfrac_dual": masked_mean((flags & 4).bool().float(), tok_exp),
-            "ratio_mean": masked_mean(ratio, tok_exp),
-            "approx_kl": masked_mean(ref.kl_estimate(old, logp.detach(), "k3"), tok_exp),
-            "divergence_mean": masked_mean(div, tok_pef),
-            "divergence_max": masked_max(div, tok_pef),
+            "loss": loss.detach(),
+            "loss_exp": torch.where(tok_exp, c, torch.zeros_like(c)).sum(),
+            "n_tokens_exp": tok_exp.sum(), "n_tokens_pef": tok_pef.sum(),
+            "n_seqs_exp": tok_exp.any(-1).sum(), "n_seqs_pef": tok_pef.any(-1).sum(),
+            "clipfrac_low": mean((flags & 1).bool().float(), tok_exp),
+            "clipfrac_high": mean((flags & 2).bool().float(), tok_exp),
+            "clipfrac_dual": mean((flags & 4).bool().float(), tok_exp),
+            "ratio_mean": mean(ratio, tok_exp),
+            "approx_kl": mean(ref.kl_estimate(old, logp.detach(), "k3"), tok_exp),
+            "divergence_mean": mean(div, tok_pef),
+            "divergence_max": torch.where(tok_pef.any(), torch.where(tok_pef, div, float("-inf")).max(), zero),
         }
         # L_pef before eta, from the same weights the loss used.
         eta = self.cfg["eta"]
-        pef_sum = float(_weighted_sum(w_pef, div))
-        m["loss_pef"] = pef_sum / eta if eta else 0.0
+        m["loss_pef"] = _weighted_sum(w_pef, div) / eta if eta else zero
         if self.cfg["kl_beta"] != 0:
-            m["kl_penalty_mean"] = masked_mean(kl, tok_exp)
+            m["kl_penalty_mean"] = mean(kl, tok_exp)
         if entropy is not None:
-            m["entropy_mean"] = masked_mean(entropy.detach(), tok)
-            m["entropy_mean_exp"] = masked_mean(entropy.detach(), tok_exp)
+            m["entropy_mean"] = mean(entropy.detach(), tok)
+            m["entropy_mean_exp"] = mean(entropy.detach(), tok_exp)
         return m
+
+
+def _masked_mean(x, mask):
+    """Mean of x over mask as a 0-dim tensor (0 when the mask is empty); no host sync."""
+    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)

@@ -195,9 +195,46 @@ def torch_backward(h, weight, bias, rh, rweight, rbias, valid, stats, g, heads, 
     return out
 
 
+def fdiv_forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha, impl, shard=None):
+    """Rows as given (no compaction): (D per row, the statistics fdiv_backward needs)."""
+    w, b, rw, rb = _real_rows(shard, weight, bias, rweight, rbias)
+    if w.shape[0] == 0:  # a shard wholly past the vocabulary: only the group's statistics to join
+        return _empty_shard_forward(shard, h, valid)
+    if impl == "triton":
+        from . import linear_divergence_triton as tk
+        return tk.forward(h, w, b, rh, rw, rb, valid, heads, kind, alpha, shard)
+    return torch_forward(h, w, b, rh, rw, rb, valid, heads, kind, alpha, shard)
+
+
+def fdiv_backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, heads, kind, alpha, impl, shard,
+                  need_ref, chunk_cols=None):
+    """[dh, dW, db, drh, drW, drb] (None where not needed) of the rows fdiv_forward saw."""
+    w, b, rw, rb = _real_rows(shard, weight, bias, rweight, rbias)
+    vp = shard is not None
+    if w.shape[0] == 0:
+        grads = [torch.zeros(h.shape, dtype=torch.float32, device=h.device), None, None]
+        grads += [torch.zeros(rh.shape, dtype=torch.float32, device=h.device), None, None] if need_ref else \
+            [None] * 3
+    elif impl == "triton":
+        from . import linear_divergence_triton as tk
+        grads = tk.backward(h, w, b, rh, rw, rb, valid, div, stats, g, heads, kind, alpha, need_ref, vp, chunk_cols)
+    else:
+        grads = torch_backward(h, w, b, rh, rw, rb, valid, stats, g, heads, kind, alpha, need_ref, vp)
+    grads = list(grads)
+    if vp:
+        from .distributed import all_reduce_sum, pad_rows
+        for i, x, full in ((0, h, None), (1, weight, weight), (2, bias, bias), (3, rh, None),
+                           (4, rweight, rweight), (5, rbias, rbias)):
+            if i >= 3 and not need_ref or x is None:
+                continue
+            grads[i] = all_reduce_sum(shard, grads[i])[0].to(x.dtype) if full is None else pad_rows(grads[i], full)
+    return grads
+
+
 class LinearFDivergenceFunction(torch.autograd.Function):
     """Flat inputs (linear_f_divergence). With a VocabShard both heads' weights and biases are this rank's shard;
-    the divergence is the whole-vocabulary one and dh (and drh) are summed over the group."""
+    the divergence is the whole-vocabulary one and dh (and drh) are summed over the group. Masked-out rows are
+    compacted away first."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha, impl, shard=None,
@@ -206,14 +243,7 @@ class LinearFDivergenceFunction(torch.autograd.Function):
         h_all, rh_all = h, rh
         if rows is not None:  # masked-out rows never enter a matmul
             h, rh, valid = h.index_select(0, rows), rh.index_select(0, rows), valid[rows]
-        w, b, rw, rb = _real_rows(shard, weight, bias, rweight, rbias)
-        if w.shape[0] == 0:  # a shard wholly past the vocabulary: only the group's statistics to join
-            div, stats = _empty_shard_forward(shard, h, valid)
-        elif impl == "triton":
-            from . import linear_divergence_triton as tk
-            div, stats = tk.forward(h, w, b, rh, rw, rb, valid, heads, kind, alpha, shard)
-        else:
-            div, stats = torch_forward(h, w, b, rh, rw, rb, valid, heads, kind, alpha, shard)
+        div, stats = fdiv_forward(h, weight, bias, rh, rweight, rbias, valid, heads, kind, alpha, impl, shard)
         # The callers' h and rh are saved whole (no copies held): backward gathers their rows again.
         ctx.save_for_backward(h_all, weight, bias, rh_all, rweight, rbias, valid, div, rows, *(stats or ()))
         ctx.args = (heads, kind, alpha, impl, shard, chunk_cols)
@@ -231,27 +261,8 @@ class LinearFDivergenceFunction(torch.autograd.Function):
         h, rh = h_all, rh_all
         if rows is not None:
             h, rh, g = h_all.index_select(0, rows), rh_all.index_select(0, rows), g[rows]
-        w, b, rw, rb = _real_rows(shard, weight, bias, rweight, rbias)
-        vp = shard is not None
-        if w.shape[0] == 0:
-            grads = [torch.zeros(h.shape, dtype=torch.float32, device=h.device), None, None]
-            grads += [torch.zeros(rh.shape, dtype=torch.float32, device=h.device), None, None] if need_ref else \
-                [None] * 3
-        elif impl == "triton":
-            from . import linear_divergence_triton as tk
-            grads = tk.backward(h, w, b, rh, rw, rb, valid, div, stats, g, heads, kind, alpha, need_ref, vp,
-                                chunk_cols)
-        else:
-            grads = torch_backward(h, w, b, rh, rw, rb, valid, stats, g, heads, kind, alpha, need_ref, vp)
-        grads = list(grads)
-        if vp:
-            from .distributed import all_reduce_sum, pad_rows
-            for i, x, full in ((0, h, None), (1, weight, weight), (2, bias, bias), (3, rh, None),
-                               (4, rweight, rweight), (5, rbias, rbias)):
-                if i >= 3 and not need_ref or x is None:
-                    continue
-                grads[i] = all_reduce_sum(shard, grads[i])[0].to(x.dtype) if full is None else pad_rows(grads[i],
-                                                                                                      full)
+        grads = fdiv_backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, heads, kind, alpha, impl,
+                              shard, need_ref, chunk_cols)
         if rows is not None:
             for i in (0, 3):
                 if grads[i] is not None:
@@ -338,8 +349,72 @@ def f_divergence_core(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, ma
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     rh = ref_hidden.reshape(-1, ref_hidden.shape[-1]).contiguous()
-    div = LinearFDivergenceFunction.apply(h, weight.contiguous(), bias, rh, ref_weight.contiguous(), ref_bias,
-                                          mask.reshape(-1), heads, kind, alpha, impl, shard, chunk_cols)
+    if torch.compiler.is_compiling():  # one custom op: no graph break, no host sync (no row compaction)
+        if shard is not None:
+            raise NotImplementedError("process_group (vocab-parallel) is not supported under torch.compile")
+        div = torch.ops.dph.linear_f_divergence(h, weight.contiguous(), bias, rh, ref_weight.contiguous(), ref_bias,
+                                                mask.reshape(-1), *heads, kind, alpha, impl)[0]
+    else:
+        div = LinearFDivergenceFunction.apply(h, weight.contiguous(), bias, rh, ref_weight.contiguous(), ref_bias,
+                                              mask.reshape(-1), heads, kind, alpha, impl, shard, chunk_cols)
     if hidden.dtype != torch.float64:
         div = div.float()
     return div.reshape(lead)
+
+
+# torch.compile / CUDA graphs: the same math as one custom op (see linear_logprob.py's section of the same name).
+@torch.library.custom_op("dph::linear_f_divergence", mutates_args=())
+def linear_f_divergence_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rh: torch.Tensor,
+                           rweight: torch.Tensor, rbias: torch.Tensor | None, valid: torch.Tensor, pre: float,
+                           post: float | None, pre_r: float, post_r: float | None, kind: str, alpha: float,
+                           impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(D, and fdiv_forward's statistics padded to four: Triton's three, the torch path's four)."""
+    div, stats = fdiv_forward(h, weight, bias, rh, rweight, rbias, valid, (pre, post, pre_r, post_r), kind, alpha,
+                              impl)
+    stats = [x.clone() if x is div else x for x in stats]
+    return (div, *stats, *[torch.zeros_like(div)] * (4 - len(stats)))
+
+
+@linear_f_divergence_op.register_fake
+def _(h, weight, bias, rh, rweight, rbias, valid, pre, post, pre_r, post_r, kind, alpha, impl):
+    return tuple(h.new_empty(h.shape[0], dtype=compute_dtype(h.dtype)) for _ in range(5))
+
+
+@torch.library.custom_op("dph::linear_f_divergence_backward", mutates_args=())
+def linear_f_divergence_backward_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                    rh: torch.Tensor, rweight: torch.Tensor, rbias: torch.Tensor | None,
+                                    valid: torch.Tensor, div: torch.Tensor, s0: torch.Tensor, s1: torch.Tensor,
+                                    s2: torch.Tensor, s3: torch.Tensor, g: torch.Tensor, pre: float,
+                                    post: float | None, pre_r: float, post_r: float | None, kind: str, alpha: float,
+                                    impl: str, need_ref: bool) -> list[torch.Tensor]:
+    """[dh, dW, db, drh, drW, drb], empty tensors where there is no gradient."""
+    stats = (s0, s1, s2) if impl == "triton" else (s0, s1, s2, s3)
+    grads = fdiv_backward(h, weight, bias, rh, rweight, rbias, valid, div, stats, g, (pre, post, pre_r, post_r),
+                          kind, alpha, impl, None, need_ref)
+    return [h.new_empty(0) if x is None else x for x in grads]
+
+
+@linear_f_divergence_backward_op.register_fake
+def _(h, weight, bias, rh, rweight, rbias, valid, div, s0, s1, s2, s3, g, pre, post, pre_r, post_r, kind, alpha,
+      impl, need_ref):
+    empty = h.new_empty(0)
+    like = [h, weight, bias, rh, rweight, rbias]
+    return [empty if x is None or (i >= 3 and not need_ref) else torch.empty_like(x) for i, x in enumerate(like)]
+
+
+def _fdiv_op_setup(ctx, inputs, output):
+    h, weight, bias, rh, rweight, rbias, valid, pre, post, pre_r, post_r, kind, alpha, impl = inputs
+    ctx.save_for_backward(h, weight, bias, rh, rweight, rbias, valid, *output)
+    ctx.args = (pre, post, pre_r, post_r, kind, alpha, impl)
+
+
+def _fdiv_op_backward(ctx, g, *_):
+    h, weight, bias, rh, rweight, rbias, valid, div, s0, s1, s2, s3 = ctx.saved_tensors
+    need_ref = any(ctx.needs_input_grad[3:6])
+    grads = linear_f_divergence_backward_op(h, weight, bias, rh, rweight, rbias, valid, div, s0, s1, s2, s3, g,
+                                            *ctx.args, need_ref)
+    out = [x if need and x.numel() else None for x, need in zip(grads, ctx.needs_input_grad[:6])]
+    return (*out, *([None] * 8))
+
+
+linear_f_divergence_op.register_autograd(_fdiv_op_backward, setup_context=_fdiv_op_setup)

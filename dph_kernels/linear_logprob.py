@@ -351,10 +351,69 @@ def _capped_backward(h, h_safe, weight, bias, targets, valid, shift, total, entr
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def logprob_forward(h, weight, bias, targets, valid, inv_temp, with_entropy, impl, post=None, shard=None):
+    """Rows as given (no compaction): (logp, entropy or None, stats, targets as backward wants them). stats is what
+    logprob_backward needs per row: (shift, total) on the torch path, (lse, S or None) on the Triton one."""
+    w, b, mine = weight, bias, None
+    if shard is not None:
+        from .distributed import local_targets
+        targets, mine = local_targets(shard, targets, valid)
+        w, b = weight[:shard.real], None if bias is None else bias[:shard.real]  # padding rows left out
+    if w.shape[0] == 0:  # a shard wholly past the vocabulary: no logits, nothing to add
+        cdt = compute_dtype(h.dtype)
+        nothing = torch.zeros(h.shape[0], dtype=cdt, device=h.device)
+        sums = (torch.full_like(nothing, float("-inf")), nothing, nothing if with_entropy else None, nothing)
+    elif impl == "triton":
+        from . import linear_logprob_triton as tk
+        lse, S, zt = tk.forward_stats(h, w, b, targets, valid, inv_temp, with_entropy, post)
+        sums = (lse, torch.ones_like(lse), None if S is None else S - lse, zt - lse)
+    else:
+        sums = torch_forward_sums(h, w, b, targets, inv_temp, with_entropy, post)
+    if shard is not None:
+        from .distributed import merge_softmax
+        sums = merge_softmax(shard, *sums, mine=mine)
+    shift, total, moment, y_target = sums
+    logp, entropy = finish_forward(total, moment, y_target, valid)
+    if impl != "triton":
+        stats = (shift, total)
+    elif shard is None:
+        stats = (lse, S)
+    else:
+        stats = (shift + total.log(), None if moment is None else shift + moment / total)
+    return logp, entropy, stats, targets
+
+
+def logprob_backward(h, weight, bias, targets, valid, entropy, stats, g_logp, g_ent, inv_temp, impl, post=None,
+                     shard=None, need_weight_grad=True, chunk_cols=None):
+    """Gradients (dh, dW or None, db or None) of the rows logprob_forward saw; with a shard dh is summed over the
+    group and dW / db are padded back to the shard's rows."""
+    if g_logp is None:
+        g_logp = torch.zeros(h.shape[0], dtype=stats[0].dtype, device=h.device)
+    w, b = weight, bias
+    if shard is not None:
+        w, b = weight[:shard.real], None if bias is None else bias[:shard.real]
+    if w.shape[0] == 0:
+        dh, dW, db = torch.zeros(h.shape, dtype=torch.float32, device=h.device), None, None
+    elif impl == "triton":
+        from . import linear_logprob_triton as tk
+        dh, dW, db = tk.backward(h, w, b, targets, valid, *stats, g_logp, g_ent, inv_temp,
+                                 need_weight_grad=need_weight_grad, post=post, dh_fp32=shard is not None,
+                                 chunk_cols=chunk_cols)
+    else:
+        dh, dW, db = torch_backward(h, w, b, targets, valid, *stats, entropy, g_logp, g_ent, inv_temp, post,
+                                    dh_fp32=shard is not None)
+    if shard is not None:
+        from .distributed import all_reduce_sum, pad_rows
+        dh = all_reduce_sum(shard, dh)[0].to(h.dtype)
+        dW = pad_rows(dW, weight) if need_weight_grad else None
+        db = None if bias is None else pad_rows(db, bias)
+    return dh, dW if need_weight_grad else None, db
+
+
 class LinearLogprobFunction(torch.autograd.Function):
     """Inputs are flat: h (N, D), weight (V, D), bias (V,) or None, targets (N,) safe, valid (N,) bool. With a
     VocabShard (distributed.py) weight and bias are this rank's shard, targets global; the outputs are the
-    whole-vocabulary ones and dh is summed over the group."""
+    whole-vocabulary ones and dh is summed over the group. Rows without loss are compacted away first."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, valid, inv_temp, with_entropy, impl, post=None, shard=None,
@@ -363,32 +422,8 @@ class LinearLogprobFunction(torch.autograd.Function):
         h_all = h
         if rows is not None:  # rows without loss never enter a matmul (their outputs are 0, their gradients 0)
             h, targets, valid = h.index_select(0, rows), targets[rows], valid[rows]
-        w, b, mine = weight, bias, None
-        if shard is not None:
-            from .distributed import local_targets
-            targets, mine = local_targets(shard, targets, valid)
-            w, b = weight[:shard.real], None if bias is None else bias[:shard.real]  # padding rows left out
-        if w.shape[0] == 0:  # a shard wholly past the vocabulary: no logits, nothing to add
-            cdt = compute_dtype(h.dtype)
-            nothing = torch.zeros(h.shape[0], dtype=cdt, device=h.device)
-            sums = (torch.full_like(nothing, float("-inf")), nothing, nothing if with_entropy else None, nothing)
-        elif impl == "triton":
-            from . import linear_logprob_triton as tk
-            lse, S, zt = tk.forward_stats(h, w, b, targets, valid, inv_temp, with_entropy, post)
-            sums = (lse, torch.ones_like(lse), None if S is None else S - lse, zt - lse)
-        else:
-            sums = torch_forward_sums(h, w, b, targets, inv_temp, with_entropy, post)
-        if shard is not None:
-            from .distributed import merge_softmax
-            sums = merge_softmax(shard, *sums, mine=mine)
-        shift, total, moment, y_target = sums
-        logp, entropy = finish_forward(total, moment, y_target, valid)
-        if impl != "triton":
-            stats = (shift, total)
-        elif shard is None:
-            stats = (lse, S)
-        else:
-            stats = (shift + total.log(), None if moment is None else shift + moment / total)
+        logp, entropy, stats, targets = logprob_forward(h, weight, bias, targets, valid, inv_temp, with_entropy,
+                                                        impl, post, shard)
         # h is saved whole (the caller's tensor, no copy held): backward gathers its rows again.
         ctx.save_for_backward(h_all, weight, bias, targets, valid, entropy, rows, *stats)
         ctx.inv_temp, ctx.impl, ctx.post, ctx.shard, ctx.chunk_cols = inv_temp, impl, post, shard, chunk_cols
@@ -400,35 +435,15 @@ class LinearLogprobFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         h_all, weight, bias, targets, valid, entropy, rows, *stats = ctx.saved_tensors
-        shard = ctx.shard
         if not ctx.any_loss:  # every row ignored (the same on every rank of a group): nothing to compute
             return (torch.zeros_like(h_all), torch.zeros_like(weight) if ctx.needs_input_grad[1] else None,
                     None if bias is None else torch.zeros_like(bias), *([None] * 8))
         h = h_all if rows is None else h_all.index_select(0, rows)
-        if g_logp is None:
-            g_logp = torch.zeros(h.shape[0], dtype=stats[0].dtype, device=h.device)
-        elif rows is not None:
-            g_logp = g_logp[rows]
-        if g_ent is not None and rows is not None:
-            g_ent = g_ent[rows]
-        w, b = weight, bias
-        if shard is not None:
-            w, b = weight[:shard.real], None if bias is None else bias[:shard.real]
-        if w.shape[0] == 0:
-            dh, dW, db = torch.zeros(h.shape, dtype=torch.float32, device=h.device), None, None
-        elif ctx.impl == "triton":
-            from . import linear_logprob_triton as tk
-            dh, dW, db = tk.backward(h, w, b, targets, valid, *stats, g_logp, g_ent, ctx.inv_temp,
-                                     need_weight_grad=ctx.needs_input_grad[1], post=ctx.post,
-                                     dh_fp32=shard is not None, chunk_cols=ctx.chunk_cols)
-        else:
-            dh, dW, db = torch_backward(h, w, b, targets, valid, *stats, entropy, g_logp, g_ent,
-                                        ctx.inv_temp, ctx.post, dh_fp32=shard is not None)
-        if shard is not None:
-            from .distributed import all_reduce_sum, pad_rows
-            dh = all_reduce_sum(shard, dh)[0].to(h.dtype)
-            dW = pad_rows(dW, weight) if ctx.needs_input_grad[1] else None
-            db = None if bias is None else pad_rows(db, bias)
+        if rows is not None:
+            g_logp = None if g_logp is None else g_logp[rows]
+            g_ent = None if g_ent is None else g_ent[rows]
+        dh, dW, db = logprob_backward(h, weight, bias, targets, valid, entropy, stats, g_logp, g_ent, ctx.inv_temp,
+                                      ctx.impl, ctx.post, ctx.shard, ctx.needs_input_grad[1], ctx.chunk_cols)
         if rows is not None:
             dh = scatter_rows(dh, rows, h_all.shape[0])
         return dh, dW, db, None, None, None, None, None, None, None, None
@@ -474,8 +489,15 @@ def logprob_core(hidden, weight, targets, bias, pre, post, ignore_index, return_
                  chunk_cols=None):
     """linear_logprob after its checks (also the fused loss's entry): (logp, entropy or None) of targets' shape."""
     h, w, safe_t, valid = flat_linear_inputs(hidden, weight, targets, ignore_index)
-    logp, entropy = LinearLogprobFunction.apply(h, w, bias, safe_t, valid, pre, return_entropy, impl, post, shard,
-                                                chunk_cols)
+    if torch.compiler.is_compiling():  # one custom op: no graph break, no host sync (no row compaction)
+        if shard is not None:
+            raise NotImplementedError("process_group (vocab-parallel) is not supported under torch.compile")
+        logp, entropy, _, _ = torch.ops.dph.linear_logprob(h, w, bias, safe_t, valid, pre, post, return_entropy,
+                                                           impl)
+        entropy = entropy if return_entropy else None
+    else:
+        logp, entropy = LinearLogprobFunction.apply(h, w, bias, safe_t, valid, pre, return_entropy, impl, post,
+                                                    shard, chunk_cols)
     if hidden.dtype != torch.float64:
         logp = logp.float()
     lead = targets.shape
@@ -528,7 +550,8 @@ def linear_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
     softcap, logit_scale = _checks.check_head(softcap, logit_scale)
     from .distributed import vocab_shard
     shard = vocab_shard(process_group, weight, vocab_size)
-    _checks.check_targets_range(targets, weight.shape[0] if shard is None else shard.vocab_size, ignore_index)
+    if not torch.compiler.is_compiling():  # a value check (a host sync): eager only
+        _checks.check_targets_range(targets, weight.shape[0] if shard is None else shard.vocab_size, ignore_index)
     if impl == "reference":
         out = _reference_linear_logprob(hidden, weight, targets, bias, temperature, ignore_index, return_entropy,
                                         softcap, logit_scale)
@@ -536,3 +559,67 @@ def linear_logprob(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
     logp, entropy = logprob_core(hidden, weight, targets, bias, *head_factors(softcap, logit_scale, temperature),
                                  ignore_index, return_entropy, impl, shard, chunk_cols)
     return (logp, entropy) if return_entropy else logp
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# torch.compile / CUDA graphs: the same math as one custom op
+# --------------------------------------------------------------------------------------------------------------------
+# Under torch.compile the log-prob is one opaque node, a torch.library custom op with a fake (shape-only)
+# implementation and a registered autograd whose backward is a second custom op: dynamo traces none of our Python
+# loops or Triton launches and never breaks the graph. The op takes every row as it is (compacting rows needs a
+# data-dependent count, a host sync) and no process_group.
+
+@torch.library.custom_op("dph::linear_logprob", mutates_args=())
+def linear_logprob_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                      valid: torch.Tensor, pre: float, post: float | None, with_entropy: bool,
+                      impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, entropy (zeros without it), stat_a, stat_b) of flat inputs; the stats are logprob_forward's."""
+    logp, entropy, (a, b), _ = logprob_forward(h, weight, bias, targets, valid, pre, with_entropy, impl, post)
+    return (logp, torch.zeros_like(logp) if entropy is None else entropy, a.clone() if a is logp else a,
+            torch.zeros_like(a) if b is None else b)
+
+
+@linear_logprob_op.register_fake
+def _(h, weight, bias, targets, valid, pre, post, with_entropy, impl):
+    return tuple(h.new_empty(h.shape[0], dtype=compute_dtype(h.dtype)) for _ in range(4))
+
+
+@torch.library.custom_op("dph::linear_logprob_backward", mutates_args=())
+def linear_logprob_backward_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                               targets: torch.Tensor, valid: torch.Tensor, entropy: torch.Tensor,
+                               stat_a: torch.Tensor, stat_b: torch.Tensor, g_logp: torch.Tensor,
+                               g_ent: torch.Tensor | None, pre: float, post: float | None, impl: str,
+                               with_entropy: bool, need_weight_grad: bool
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dW (empty when not needed), db (empty without a bias))."""
+    stats = (stat_a, stat_b if with_entropy or impl != "triton" else None)
+    dh, dW, db = logprob_backward(h, weight, bias, targets, valid, entropy, stats, g_logp, g_ent, pre, impl, post,
+                                  need_weight_grad=need_weight_grad)
+    return dh, h.new_empty(0) if dW is None else dW, h.new_empty(0) if db is None else db
+
+
+@linear_logprob_backward_op.register_fake
+def _(h, weight, bias, targets, valid, entropy, stat_a, stat_b, g_logp, g_ent, pre, post, impl, with_entropy,
+      need_weight_grad):
+    return (torch.empty_like(h), torch.empty_like(weight) if need_weight_grad else h.new_empty(0),
+            h.new_empty(0) if bias is None else torch.empty_like(bias))
+
+
+def _logprob_op_setup(ctx, inputs, output):
+    h, weight, bias, targets, valid, pre, post, with_entropy, impl = inputs
+    ctx.save_for_backward(h, weight, bias, targets, valid, output[1], output[2], output[3])
+    ctx.args = (pre, post, impl, with_entropy)
+
+
+def _logprob_op_backward(ctx, g_logp, g_ent, _g_a, _g_b):
+    h, weight, bias, targets, valid, entropy, a, b = ctx.saved_tensors
+    pre, post, impl, with_entropy = ctx.args
+    if g_logp is None:
+        g_logp = torch.zeros_like(a)
+    need_w = ctx.needs_input_grad[1]
+    dh, dW, db = linear_logprob_backward_op(h, weight, bias, targets, valid, entropy, a, b, g_logp,
+                                            g_ent if with_entropy else None, pre, post, impl, with_entropy, need_w)
+    return dh, dW if need_w else None, None if bias is None else db, None, None, None, None, None, None
+
+
+linear_logprob_op.register_autograd(_logprob_op_backward, setup_context=_logprob_op_setup)
