@@ -198,8 +198,9 @@ def dot_precision(x):
 # "_bwd" rows are the dlogit kernels (128-222 registers at sm_90 bf16; the log-prob one also compiles spill-free at
 # BLOCK_D=64, 254 registers: a candidate for a GPU measurement, not taken unmeasured). Every row below compiles with
 # 0 spill bytes: bf16 on sm_90 and sm_80, fp32 on sm_90. Each kernel holds 255 registers or fewer x 256 threads, one
-# block per SM at 8 warps (the 4-warp fp32 forward: up to two). The divergence kernels hold two logit tiles, hence BLOCK_V=64. fp32 tiles
-# multiply without tensor cores (ieee dot), which needs smaller D blocks; fp16 takes bf16's configs.
+# block per SM at 8 warps (the 4-warp fp32 forward: up to two). The divergence kernels hold two logit tiles, hence
+# BLOCK_V=64. fp32 tiles multiply without tensor cores (ieee dot), which needs smaller D blocks; fp16 takes bf16's
+# configs.
 GPU_CONFIGS = {
     ("logprob_fwd", "bf16"): (64, 128, 32, 8, 3), ("logprob_bwd", "bf16"): (64, 128, 32, 8, 3),
     ("div_lse", "bf16"): (64, 128, 32, 8, 3), ("div", "bf16"): (64, 64, 32, 8, 3),
@@ -345,7 +346,9 @@ def add_mm_fp32(acc, a, b):
     elif a.is_cuda:
         try:
             acc += torch.mm(a, b, out_dtype=torch.float32)  # torch >= 2.8
-        except TypeError:  # an older torch: the product rounded to a's dtype once per chunk
-            acc += (a @ b).float()
+        except (TypeError, RuntimeError) as e:  # an older torch, or no fp32-output GEMM for these operands
+            if "out of memory" in str(e):
+                raise
+            acc += (a @ b).float()  # the product rounded to a's dtype once per chunk
     else:
         acc.addmm_(a.float(), b.float())
