@@ -30,7 +30,7 @@ import torch
 from . import _checks
 from . import reference as ref
 from .linear_logprob import linear_logprob, logprob_core
-from .losses import _check_agg, _check_clip, _check_kind
+from .losses import _check_agg, _check_clip, _check_kind, masked_mean_tensor
 
 PRESETS = {
     # The paper's baselines and methods; ratios are clipped with eps_low = 0.2 and a dual clip c = 3 throughout.
@@ -508,7 +508,7 @@ class FusedLinearDPHLoss(torch.nn.Module):
                  w_pef, exact):
         """0-dim tensors (no host sync); forward turns them into Python numbers in eager mode."""
         c = contrib.detach()
-        mean, zero = _masked_mean, torch.zeros((), device=c.device)
+        mean, zero = masked_mean_tensor, torch.zeros((), device=c.device)
         m = {
             "loss": loss.detach(),
             "loss_exp": torch.where(tok_exp, c, torch.zeros_like(c)).sum(),
@@ -531,8 +531,3 @@ class FusedLinearDPHLoss(torch.nn.Module):
             m["entropy_mean"] = mean(entropy.detach(), tok)
             m["entropy_mean_exp"] = mean(entropy.detach(), tok_exp)
         return m
-
-
-def _masked_mean(x, mask):
-    """Mean of x over mask as a 0-dim tensor (0 when the mask is empty); no host sync."""
-    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)

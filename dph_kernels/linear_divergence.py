@@ -312,8 +312,8 @@ def linear_f_divergence(hidden, weight, ref_hidden, ref_weight, *, kind="fkl", a
     """
     _check_kind(kind, alpha)
     allow64 = impl in ("torch", "reference")
-    N, D, V = _checks.check_linear_inputs(hidden, weight, None, bias, allow_fp64=allow64)
-    Dr = _checks.check_ref_head(hidden, V, ref_hidden, ref_weight, ref_bias, allow_fp64=allow64)
+    _, _, V = _checks.check_linear_inputs(hidden, weight, None, bias, allow_fp64=allow64)
+    _checks.check_ref_head(hidden, V, ref_hidden, ref_weight, ref_bias, allow_fp64=allow64)
     lead = hidden.shape[:-1]
     if mask is None:
         mask = torch.ones(lead, dtype=torch.bool, device=hidden.device)

@@ -455,10 +455,10 @@ def rows_with_loss(valid):
     ignore_index positions cost nothing. With no valid row nothing is compacted: the forward zeroes such rows itself
     (and still joins a vocab-parallel group's collectives, which every rank reaches with the same mask) and the
     backward returns zeros."""
-    n_valid = int(valid.sum())  # one sync, as the range check already has
-    if n_valid in (0, valid.numel()):
-        return None, n_valid > 0
-    return valid.nonzero().squeeze(1), True
+    rows = valid.nonzero().squeeze(1)  # one sync (the count), as the range check already has
+    if rows.numel() in (0, valid.numel()):
+        return None, rows.numel() > 0
+    return rows, True
 
 
 def scatter_rows(x, rows, n, fill=0.0):

@@ -62,8 +62,12 @@ def _check_agg(loss_agg):
 
 
 def masked_mean(x, mask):
-    n = mask.sum()
-    return float(torch.where(mask, x, torch.zeros_like(x)).sum() / n) if n > 0 else 0.0
+    return float(masked_mean_tensor(x, mask))
+
+
+def masked_mean_tensor(x, mask):
+    """Mean of x over mask as a 0-dim tensor (0 when the mask is empty); no host sync."""
+    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
 
 
 def masked_max(x, mask):

@@ -17,18 +17,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
 import dph_kernels as dk  # noqa: E402
-import dph_train.tasks as tasks_mod  # noqa: E402
 from dph_train.cli import main  # noqa: E402
-from dph_train.testing import ParityTask, tiny_args  # noqa: E402
+from dph_train.testing import tiny_args  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture
-def parity(monkeypatch):
-    real = tasks_mod.get_task
-    monkeypatch.setattr(tasks_mod, "get_task", lambda name, **kw: ParityTask(**kw) if name == "arith"
-                        else real(name, **kw))
 
 
 def _weights(ck):

@@ -16,17 +16,24 @@ from dph_train.config import ModelConfig, RolloutConfig  # noqa: E402
 CPU = torch.device("cpu")
 
 
-def test_vllm_generates_syncs_weights_and_matches_the_hf_structure(tmp_path):
+def _tiny_vllm(tmp_path, max_new_tokens):
+    """The tiny Llama at head_dim 64 (a size every vLLM attention backend supports) and a float32 vLLM engine on
+    it: (model, tokenizer, model config, rollout config, engine)."""
     from dph_train.models import load_model
-    from dph_train.rollout import HFEngine, VLLMEngine, stop_ids
-    from test_rollout import check_structure
+    from dph_train.rollout import VLLMEngine
 
-    # head_dim 64: a size every vLLM attention backend supports
     mc = ModelConfig(name="tiny", tiny_hidden_size=128, tiny_heads=2, tiny_kv_heads=1, tiny_intermediate_size=256,
                      gradient_checkpointing=False)
     model, tok = load_model(mc, "cpu", verbose=False)
-    rc = RolloutConfig(backend="vllm", max_new_tokens=6, vllm_dtype="float32", max_prompt_tokens=64)
-    eng = VLLMEngine(model, tok, rc, mc, CPU, str(tmp_path / "engine"), seed=0)
+    rc = RolloutConfig(backend="vllm", max_new_tokens=max_new_tokens, vllm_dtype="float32", max_prompt_tokens=64)
+    return model, tok, mc, rc, VLLMEngine(model, tok, rc, mc, CPU, str(tmp_path / "engine"), seed=0)
+
+
+def test_vllm_generates_syncs_weights_and_matches_the_hf_structure(tmp_path):
+    from dph_train.rollout import HFEngine, stop_ids
+    from test_rollout import check_structure
+
+    model, tok, mc, rc, eng = _tiny_vllm(tmp_path, max_new_tokens=6)
     try:
         prompts = [[1, 4093, 198, 33], [1, 520, 9531]]
         stops = stop_ids(model, tok)
@@ -69,16 +76,6 @@ VLLM_TINY = dict(model__tiny_hidden_size=128, model__tiny_heads=2, model__tiny_k
                  rollout__vllm_dtype="float32", train__steps=3)
 
 
-@pytest.fixture
-def parity(monkeypatch):
-    import dph_train.tasks as tasks_mod
-    from dph_train.testing import ParityTask
-
-    real = tasks_mod.get_task
-    monkeypatch.setattr(tasks_mod, "get_task", lambda name, **kw: ParityTask(**kw) if name == "arith"
-                        else real(name, **kw))
-
-
 def _records(path):
     import json
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
@@ -119,15 +116,9 @@ def test_vllm_sampled_logprobs_agree_with_dk(tmp_path):
     """vLLM's log-prob of each sampled token (raw distribution, T = 1) against dk.linear_logprob's recomputation
     from the policy's hidden states, float32 on both sides."""
     import dph_kernels as dk
-    from dph_train.models import load_model
-    from dph_train.rollout import VLLMEngine
     from vllm import SamplingParams
 
-    mc = ModelConfig(name="tiny", tiny_hidden_size=128, tiny_heads=2, tiny_kv_heads=1, tiny_intermediate_size=256,
-                     gradient_checkpointing=False)
-    model, tok = load_model(mc, "cpu", verbose=False)
-    rc = RolloutConfig(backend="vllm", max_new_tokens=12, vllm_dtype="float32", max_prompt_tokens=64)
-    eng = VLLMEngine(model, tok, rc, mc, CPU, str(tmp_path / "engine"), seed=0)
+    model, tok, _, _, eng = _tiny_vllm(tmp_path, max_new_tokens=12)
     try:
         prompts = [[1, 4093, 198, 33], [1, 520, 9531], [1, 77, 78, 79, 80]]
         sp = SamplingParams(n=4, temperature=1.0, top_p=1.0, top_k=0, max_tokens=12, logprobs=0, ignore_eos=True)
@@ -152,7 +143,6 @@ def test_vllm_sampled_logprobs_agree_with_dk(tmp_path):
 def test_vllm_under_torchrun_ddp_matches_the_hf_run(tmp_path):
     """2 CPU processes (gloo, ddp), one in-process vLLM engine per rank (1 GiB KV cache each): the run completes
     and logs the same per-step structure as the same run with HF generate."""
-    import json
     import os
     import shutil
     import subprocess

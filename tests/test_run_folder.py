@@ -9,17 +9,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-import dph_train.tasks as tasks_mod  # noqa: E402
 from dph_train.cli import main  # noqa: E402
 from dph_train.common import reset_peak_rss, rss_mb  # noqa: E402
-from dph_train.testing import ParityTask, tiny_args  # noqa: E402
-
-
-@pytest.fixture
-def parity(monkeypatch):
-    real = tasks_mod.get_task
-    monkeypatch.setattr(tasks_mod, "get_task", lambda name, **kw: ParityTask(**kw) if name == "arith"
-                        else real(name, **kw))
+from dph_train.testing import tiny_args  # noqa: E402
 
 
 def _state(ck):
