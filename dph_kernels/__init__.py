@@ -11,11 +11,11 @@ from .fused import PRESETS, DPHLossOutput, FusedLinearDPHLoss
 from .linear_divergence import linear_f_divergence
 from .linear_logprob import linear_logprob
 from .losses import aggregate, f_divergence, grpo_advantages, kl_penalty, ppo_clip_loss
-from .reference import AGG_MODES, DIVERGENCES, KL_ESTIMATORS
+from .reference import AGG_MODES, CURVATURE, DIVERGENCES, KL_ESTIMATORS
 
 __all__ = [
     "linear_logprob", "linear_f_divergence", "FusedLinearDPHLoss", "DPHLossOutput", "PRESETS",
     "ppo_clip_loss", "f_divergence", "kl_penalty", "aggregate", "grpo_advantages",
-    "DIVERGENCES", "KL_ESTIMATORS", "AGG_MODES",
+    "DIVERGENCES", "KL_ESTIMATORS", "AGG_MODES", "CURVATURE",
 ]
 __version__ = "0.1.0"

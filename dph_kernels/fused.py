@@ -32,16 +32,33 @@ from . import reference as ref
 from .linear_logprob import linear_logprob, logprob_core
 from .losses import _check_agg, _check_clip, _check_kind, masked_mean_tensor
 
+# Which gradient each KL form gives (experiments.md §1; tests/test_kl_gradients.py checks it exactly):
+#   kl_beta * k3 on the policy's own samples, k3 = r - log r - 1, r = pi_ref / pi_theta (the paper's "RKL" row, TRL's
+#   and verl's KL penalty): E_{pi_theta}[(1 - r) grad log pi_theta] = grad KL(pi_ref || pi_theta), the FORWARD KL.
+#   kl_beta * k2, k2 = (log pi_theta - log pi_ref)^2 / 2, on the policy's samples: grad KL(pi_theta || pi_ref), REVERSE.
+#   k1 = log pi_theta - log pi_ref as a loss: zero gradient in expectation (E[grad log pi_theta] = 0).
+#   divergence="rkl" on stored pi_ref samples (u log u - u + 1): grad KL(pi_theta || pi_ref), reverse, exactly so in
+#   expectation; divergence="fkl": grad KL(pi_ref || pi_theta).
+# Strength: near pi_ref every one of these is f''(1)/2 chi^2, so kappa = eta * f''(1) (or kl_beta: k2 and k3 have
+# curvature 1) is the comparable number; reference.CURVATURE holds f''(1).
 PRESETS = {
     # The paper's baselines and methods; ratios are clipped with eps_low = 0.2 and a dual clip c = 3 throughout.
     "grpo": dict(divergence=None, clip_low=0.2, clip_high=0.2, dual_clip=3.0),
     "dapo": dict(divergence=None, clip_low=0.2, clip_high=0.28, dual_clip=3.0),
-    "rkl": dict(divergence=None, clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_beta=0.01, kl_estimator="k3"),
+    # The paper's "RKL" baseline: a k3 penalty to a live reference model on D_exp = all prompts. Its gradient is a
+    # forward-KL gradient in expectation (above), hence the name; "rkl" stays as the paper's label for it.
+    "kl-k3": dict(divergence=None, clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_beta=0.01, kl_estimator="k3"),
+    # A true reverse-KL (mode-seeking) penalty on the policy's samples: the k2 loss.
+    "rkl-k2": dict(divergence=None, clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_beta=0.01, kl_estimator="k2"),
     "dph-f": dict(divergence="fkl", eta=0.05, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
                   divergence_clamp=(-10.0, 10.0)),
     "dph-js": dict(divergence="js", eta=0.2, clip_low=0.2, clip_high=0.28, dual_clip=3.0),
+    # The reverse-KL generator on the stored D_pef samples: dph-f with only f changed (same routing and samples).
+    "dph-rkl": dict(divergence="rkl", eta=0.05, clip_low=0.2, clip_high=0.28, dual_clip=3.0,
+                    divergence_clamp=(-10.0, 10.0)),
     "alpha": dict(divergence="alpha", alpha=0.5, eta=0.2, clip_low=0.2, clip_high=0.28, dual_clip=3.0),
 }
+PRESETS["rkl"] = dict(PRESETS["kl-k3"])  # the paper's name for kl-k3 (a forward-KL gradient; see above)
 
 
 @dataclass
@@ -226,7 +243,10 @@ class FusedLinearDPHLoss(torch.nn.Module):
             for plain GRPO/DAPO (then no row may be is_pef).
         eta: weight of L_pef.  alpha: for divergence="alpha".  divergence_clamp: optional (lo, hi) clamp of f.
         clip_low, clip_high, dual_clip: PPO ratio clip 1 - clip_low .. 1 + clip_high; dual clip c (None = off).
-        kl_beta, kl_estimator: reverse-KL penalty beta * k(logp, online_ref_logp) on D_exp tokens (RKL baseline).
+        kl_beta, kl_estimator: a KL penalty beta * k(logp, online_ref_logp) on D_exp tokens, on the policy's own
+            samples. Its gradient depends on the estimator (PRESETS' comment): "k3" (verl's low_var_kl, TRL's beta,
+            the paper's "RKL") gives the forward-KL gradient grad KL(pi_ref || pi_theta) in expectation, "k2" the
+            reverse-KL gradient grad KL(pi_theta || pi_ref), "k1" none in expectation.
         entropy_coef: adds -entropy_coef * H on D_exp tokens (computes the entropy in the same pass).
         loss_agg: "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum" | "seq-mean-token-sum-norm".
         norm_length: the constant length of "seq-mean-token-sum-norm" (default: T of the batch).
@@ -309,7 +329,8 @@ class FusedLinearDPHLoss(torch.nn.Module):
 
     @classmethod
     def preset(cls, name, **overrides):
-        """"grpo", "dapo", "rkl", "dph-f", "dph-js", "alpha" with the paper's hyper-parameters; kwargs override."""
+        """A PRESETS entry with the paper's hyper-parameters; kwargs override. "kl-k3" is the paper's "RKL" row (a
+        forward-KL gradient, also reachable as "rkl"); "rkl-k2" and "dph-rkl" are true reverse-KL baselines."""
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
         return cls(**{**PRESETS[name], **overrides})

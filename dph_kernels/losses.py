@@ -2,7 +2,7 @@
 
     loss, metrics = dk.ppo_clip_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0)
     g = dk.f_divergence(logp - ref_logp, "js")            # per-token generator f(u), u = pi_theta / pi_ref
-    k = dk.kl_penalty(logp, ref_logp, estimator="k3")     # per-token reverse-KL estimate (the RKL baseline)
+    k = dk.kl_penalty(logp, ref_logp, estimator="k3")     # KL penalty (k3: a forward-KL gradient; k2: reverse)
     L = dk.aggregate(values, mask, "token-mean", normalizer=None)
     A = dk.grpo_advantages(rewards, group_size=16)
 
@@ -142,6 +142,8 @@ def f_divergence(log_ratio, kind, *, alpha=0.5, clamp=None):
 
 def kl_penalty(logp, ref_logp, estimator="k3"):
     """Per-token estimate of KL(pi_theta || pi_ref) on pi_theta's samples: k1 | k2 | k3 | abs (verl's names).
+    Used as a loss (sampling not differentiated), k3's expected gradient is grad KL(pi_ref || pi_theta) (forward),
+    k2's grad KL(pi_theta || pi_ref) (reverse), k1's zero.
 
     logp: float, any shape, log pi_theta of the sampled tokens; ref_logp: float, logp's shape and device, log pi_ref
     of the same tokens. Returns a tensor of logp's shape (differentiable w.r.t. both)."""

@@ -83,6 +83,10 @@ def linear_logprob(hidden, weight, targets, bias=None, temperature=1.0, ignore_i
 # --------------------------------------------------------------------------------------------------------------------
 
 DIVERGENCES = ("fkl", "fkl_k1", "js", "alpha", "rkl", "tv", "hellinger")
+# f''(1) of each generator (and of the k2 / k3 penalties): near pi_ref every f-divergence is f''(1)/2 chi^2, so
+# kappa = eta * f''(1) compares strengths across divergences (experiments.md §2). tv is not smooth at 1.
+CURVATURE = {"fkl": 1.0, "fkl_k1": 1.0, "js": 0.25, "alpha": 1.0, "rkl": 1.0, "hellinger": 0.5, "tv": None,
+             "k2": 1.0, "k3": 1.0}
 _LN2 = math.log(2.0)
 
 
@@ -161,7 +165,9 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 
 
 def kl_estimate(logp, ref_logp, estimator="k3"):
-    """Per-token estimate of KL(pi_theta || pi_ref) on samples from pi_theta."""
+    """Per-token estimate of the VALUE of KL(pi_theta || pi_ref) on samples from pi_theta (k1, k2 biased, k3
+    unbiased). As a loss their gradients differ: k3's is a forward-KL gradient in expectation, k2's the reverse-KL one,
+    k1's zero (fused.PRESETS' comment)."""
     d = logp - ref_logp
     if estimator == "k1":
         return d

@@ -1,7 +1,7 @@
 """`dph-train` — the DPH-RL recipe from the command line.
 
     dph-train presample [--config FILE] [--key=value ...]       sample pi_ref, split D_exp / D_pef, store D_pef
-    dph-train train --method dph-js [--resume] [...]            the RL loop (presets: grpo dapo rkl dph-f dph-js alpha)
+    dph-train train --method dph-js [--resume] [...]            the RL loop (presets: see config.METHODS)
     dph-train eval [--checkpoint latest|base|PATH] [--tag T]    Greedy + Pass@k on test and ood; JSON + PNG
     dph-train run [--method M] [--resume] [...]                 presample -> eval(base) -> train -> eval(final) -> report
     dph-train compare [--config configs/compare_styles.yaml]    SFT -> per method train + eval, 3 seeds: the collapse
@@ -19,12 +19,12 @@ error (bad value, unknown key, missing file, no checkpoint) prints one line and 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
 
 from .config import METHODS, load_config, save_config
+from .pipeline import Session, run_eval, run_presample, run_train
 
 COMMANDS = ("presample", "train", "eval", "run", "compare")
 # The config sections each command reads (--help lists their keys; top-level keys always). A command not named here
@@ -92,18 +92,6 @@ def resolve_config(args, overrides: list):
     return cfg
 
 
-def auto_threads() -> int:
-    """Torch threads = the cores not already busy (1-minute load average). On a shared 2-core machine, two OpenMP
-    threads competing with another busy process run ~5x slower than one thread (measured here), so the default
-    leaves busy cores alone; threads=N in the config overrides."""
-    n = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(n, int(n - busy + 0.5)))
-
-
 class _Terminated(Exception):
     pass
 
@@ -112,68 +100,14 @@ def _on_sigterm(signum, frame):
     raise _Terminated(f"terminated by signal {signum}")
 
 
-class Session:
-    """The loaded pieces a command needs: device, model, tokenizer, task, rollout engine, run dir; par: the
-    process group (parallel.Parallel; default one process)."""
-
-    def __init__(self, cfg, model_name: str | None = None, par=None):
-        import torch
-
-        from .common import RunDir, seed_all
-        from .models import load_model, resolve_device
-        from .parallel import Parallel
-        from .rollout import make_engine
-        from . import tasks
-
-        self.cfg = cfg
-        self.par = par or Parallel()
-        seed_all(cfg.seed)
-        self.run = RunDir(cfg.run_dir)
-        self.device = self.par.device if self.par.enabled else resolve_device(cfg.device)
-        if self.device.type == "cpu":
-            # under torchrun the processes on one machine share its cores
-            n = int(cfg.threads) if cfg.threads else max(1, auto_threads() // int(os.environ.get("LOCAL_WORLD_SIZE",
-                                                                                                   "1")))
-            torch.set_num_threads(n)
-            self.run.log(f"[session] cpu threads: {n} (cores {os.cpu_count()}, load {os.getloadavg()[0]:.1f})")
-        try:  # the task first: a wrong task name or argument is a user error, found before the model loads
-            self.task = tasks.get_task(cfg.task.name, seed=cfg.task.seed, **(cfg.task.kwargs or {}))
-        except (TypeError, ValueError, FileNotFoundError) as e:
-            from .config import ConfigError
-            raise ConfigError(f"task {cfg.task.name!r} (task.name / task.kwargs): {e}") from e
-        mc = cfg.model if model_name is None else dataclasses.replace(cfg.model, name=model_name,
-                                                                      tokenizer=model_name)
-        with self.run.memory("load model"):
-            self.model, self.tok = load_model(mc, self.device)
-        # rollouts sample from the plain model (fsdp2: a full copy; parallel.py)
-        self.engine = make_engine(cfg.rollout, self.par.plain_copy(self.model), self.tok, cfg.model, self.device,
-                                  self.run.p("engine"),
-                                  seed=cfg.seed, max_new_tokens_cap=cfg.eval.max_new_tokens)
-        self.run.log(f"[session] rollout backend: {self.engine.name}")
-
-    def close(self):
-        self.engine.close()
-
-
 def cmd_presample(cfg, args, s: Session | None = None) -> dict:
-    from .presample import presample
-
-    s = s or Session(cfg)
-    return presample(cfg, s.model, s.tok, s.task, s.engine, s.run, s.device)
+    return run_presample(s or Session(cfg))
 
 
 def cmd_train(cfg, args, s: Session | None = None) -> dict:
-    from .presample import load_presample
-    from .trainer import Trainer, make_ref_model
-
     own = s is None
     s = s or Session(cfg, par=getattr(args, "par", None))
-    prompts_rows, pef_rows, _ = load_presample(s.run.p("presample"))
-    ref = make_ref_model(s.model) if cfg.train.method == "rkl" else None
-    trainer = Trainer(cfg, s.model, s.tok, s.task, s.engine, s.run, s.device, prompts_rows, pef_rows, ref_model=ref,
-                      par=s.par)
-    out = trainer.fit(resume=args.resume)
-    del ref
+    out = run_train(s, resume=args.resume)
     if own:  # the rollout engine shuts down while the process group still exists (vLLM under torchrun needs that)
         s.close()
     return out
@@ -196,12 +130,12 @@ def _eval_target(cfg, args):
 
 
 def cmd_eval(cfg, args, s: Session | None = None, tag: str | None = None) -> dict:
-    from .evaluate import evaluate, format_table
+    from .evaluate import format_table
 
     if s is None:
         path, tag = getattr(args, "eval_target", None) or _eval_target(cfg, args)
         s = Session(cfg, model_name=path)
-    res = evaluate(cfg, s.model, s.tok, s.task, s.engine, s.run, tag or args.tag or "base")
+    res = run_eval(s, tag or args.tag or "base")
     print(format_table({res["tag"]: res}, ks=[k for k in (1, 8) if k in cfg.eval.ks] or cfg.eval.ks[:1]))
     return res
 
@@ -260,8 +194,10 @@ def cmd_compare(cfg, args) -> dict:
     from .compare_report import format_table
 
     out = compare(cfg, log=print)
-    for split in ("test", "ood"):
+    for split in ("test", "ood-shift"):
         print("\n" + format_table(out, split))
+    for exp, c in out["claims"].items():
+        print(f"claim {exp}: {c['verdict']} — {c['statement']}")
     print(f"\nwall {out['wall_s']:.0f} s; report {os.path.join(os.path.abspath(cfg.run_dir), 'report.md')}")
     return out
 

@@ -1,43 +1,125 @@
-"""`dph-train compare`: GRPO's diversity collapse and DPH-RL's cure, side by side, in one command.
+"""`dph-train compare`: GRPO's diversity collapse and DPH-RL's cure side by side, and the paper's claims tested on
+the styles task (experiments.md), in one command.
 
-For each seed: SFT a tiny Llama on the styles task (it samples every style about equally) -> presample it (n, the
-8/8 rule) -> evaluate it ("base") -> for each method, RL from that same model with `dk.FusedLinearDPHLoss` through
-the same Trainer as `dph-train train` -> evaluate. Jobs run in worker processes, one thread each (a seed's methods
-start as soon as its SFT + presample are done). Everything lands in one folder:
+For each seed: SFT a tiny Llama on the styles task (it samples every style about equally, and learns the held-out
+T2 probes) -> presample it (n, the 8/8 rule) -> evaluate it ("base") -> for each arm of compare.variants, RL from that
+same model (or, for recovery arms, from the seed's grpo checkpoint) through the same pipeline as `dph-train train`
+-> evaluate. Jobs run in worker processes, one thread each. Everything lands in one folder:
 
-    <run_dir>/compare.json                   the numbers (schema in the README), read by the tests and the report
-    <run_dir>/report.md                      tables: mean +- sd over seeds, paired differences vs base and vs grpo
-    <run_dir>/passk.png  styles.png  training.png
-    <run_dir>/seed_<s>/sft/                  the SFT model (HF folder, reused when the settings match)
-    <run_dir>/seed_<s>/base/                 presample/ + eval/base.json + log.txt
-    <run_dir>/seed_<s>/<method>/             a `dph-train train` run folder: log, metrics.jsonl, checkpoint, eval/
+    <run_dir>/compare.json        seeds, arms (family, kappa, routing, samples, estimator, start), results, claims
+    <run_dir>/report.md           tables (mean +- sd over seeds, paired differences), the pre-registered verdicts
+    <run_dir>/*.png               Pass@k, styles, training reward, frontiers
+    <run_dir>/seed_<s>/sft/       the SFT model (HF folder, reused when the settings match)
+    <run_dir>/seed_<s>/base/      presample/ + eval/base.json + log.txt
+    <run_dir>/seed_<s>/<arm>/     a `dph-train train` run folder: log, metrics.jsonl, checkpoint, eval/
+
+An arm is data (compare.variants), not code: {name, family, preset, kappa, loss, routing, samples, start, steps, lr}.
+kappa = eta * f''(1) (divergence presets) or kl_beta (kl-k3, rkl-k2): the strength that is comparable across
+divergences (experiments.md §2). A list of kappas makes one arm per value, named <name>-k<kappa>.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import shutil
 import sys
 import time
-from types import SimpleNamespace
 
 from .common import RunDir, write_json
 
-def rkl_name(beta: float) -> str:
-    return f"rkl-b{beta:g}"
+ARM_KEYS = ("name", "family", "preset", "kappa", "loss", "routing", "samples", "start", "steps", "lr")
+STARTS = ("sft", "grpo")
+SAMPLES = ("pef", "all")
 
 
-def _method_cfg(cfg, method: str, seed: int, run_dir: str, model_dir: str):
-    """The resolved config of one job: the compare config with this seed, model and method."""
+def _divergence(preset: str, loss: dict):
+    import dph_kernels as dk
+
+    return {**dk.PRESETS[preset], **loss}.get("divergence")
+
+
+def expand_arms(cc) -> dict:
+    """compare.variants -> {arm name: resolved arm}, in order. Raises ConfigError naming the bad entry."""
+    import dph_kernels as dk
+
+    from .config import METHODS, ConfigError
+
+    arms = {}
+    if not isinstance(cc.variants, list) or not cc.variants:
+        raise ConfigError("compare.variants: expected a non-empty list of arms")
+    for i, v in enumerate(cc.variants):
+        where = f"compare.variants[{i}]"
+        if not isinstance(v, dict) or "name" not in v or "preset" not in v:
+            raise ConfigError(f"{where}: expected a mapping with at least name and preset, got {v!r}")
+        bad = sorted(set(v) - set(ARM_KEYS))
+        if bad:
+            raise ConfigError(f"{where}: unknown key(s) {bad}; known: {list(ARM_KEYS)}")
+        if v["preset"] not in METHODS:
+            raise ConfigError(f"{where}.preset: expected one of {METHODS}, got {v['preset']!r}")
+        loss = dict(v.get("loss") or {})
+        div = _divergence(v["preset"], loss)
+        params = {**dk.PRESETS[v["preset"]], **loss}
+        routing = v.get("routing", "exp" if div is not None else "all")
+        if routing not in ("exp", "all"):
+            raise ConfigError(f"{where}.routing: expected exp or all, got {routing!r}")
+        samples = v.get("samples", "pef" if div is not None else None)
+        if div is not None and samples not in SAMPLES:
+            raise ConfigError(f"{where}.samples: expected one of {SAMPLES} for a divergence preset, got {samples!r}")
+        if div is None and v.get("samples") is not None:
+            raise ConfigError(f"{where}.samples: preset {v['preset']} has no divergence term")
+        start = v.get("start", "sft")
+        if start not in STARTS:
+            raise ConfigError(f"{where}.start: expected one of {STARTS}, got {start!r}")
+        kl = float(params.get("kl_beta", 0.0)) > 0
+        kappas = v.get("kappa")
+        if kappas is not None and div is None and not kl:
+            raise ConfigError(f"{where}.kappa: preset {v['preset']} has neither a divergence nor a KL penalty")
+        for kappa in (kappas if isinstance(kappas, list) else [kappas]):
+            if kappa is not None and not (isinstance(kappa, (int, float)) and not isinstance(kappa, bool)
+                                          and kappa >= 0):
+                raise ConfigError(f"{where}.kappa: expected numbers >= 0, got {kappa!r}")
+            arm_loss = dict(loss)
+            if div is not None:
+                curv = dk.CURVATURE[div]
+                if kappa is not None:
+                    arm_loss["eta"] = float(kappa) / curv
+                k = float(arm_loss.get("eta", params["eta"])) * curv
+                estimator = f"{div} on stored pi_ref samples ({'D_pef' if samples == 'pef' else 'all prompts'})"
+            elif kl:
+                curv = dk.CURVATURE[params["kl_estimator"]]
+                if kappa is not None:
+                    arm_loss["kl_beta"] = float(kappa) / curv
+                k = float(arm_loss.get("kl_beta", params["kl_beta"])) * curv
+                estimator = f"{params['kl_estimator']} penalty on-policy"
+            else:
+                k, estimator = 0.0, None
+            name = v["name"] if not isinstance(kappas, list) else f"{v['name']}-k{kappa:g}"
+            if name in arms or name == "base":
+                raise ConfigError(f"{where}: arm name {name!r} is used twice (or is 'base')")
+            arms[name] = dict(name=name, family=v.get("family", v["name"]), preset=v["preset"], kappa=round(k, 6),
+                              loss=arm_loss, routing=routing,
+                              samples=samples if div is not None else ("on-policy" if kl else "none"),
+                              estimator=estimator, start=start, steps=v.get("steps"), lr=v.get("lr"))
+    if any(a["start"] == "grpo" for a in arms.values()) and "grpo" not in arms:
+        raise ConfigError("compare.variants: recovery arms (start: grpo) need an arm named grpo")
+    return arms
+
+
+def arm_config(cfg, arm: dict | None, seed: int, run_dir: str, model_dir: str):
+    """The resolved config of one job: the compare config with this seed, model and arm (None: the base job)."""
     job = copy.deepcopy(cfg)
     job.seed, job.run_dir, job.threads = seed, run_dir, 1
     job.model = dataclasses.replace(job.model, name=model_dir, tokenizer=None)
-    if method.startswith("rkl-b"):
-        job.train.method = "rkl"
-        job.train.loss = dict(job.train.loss or {}, kl_beta=float(method[len("rkl-b"):]))
-    elif method != "base":
-        job.train.method = method
+    if arm is not None:
+        job.train.method, job.train.loss = arm["preset"], dict(arm["loss"])
+        job.train.routing = arm["routing"]
+        job.train.divergence_samples = arm["samples"] if arm["samples"] in SAMPLES else "pef"
+        if arm["steps"] is not None:
+            job.train.steps = int(arm["steps"])
+        if arm["lr"] is not None:
+            job.train.lr = float(arm["lr"])
     return job
 
 
@@ -50,80 +132,113 @@ def _quiet_worker(log_path: str):
     return f
 
 
-def run_job(cfg, kind: str, seed: int, method: str, root: str, quiet: bool = True) -> dict:
-    """One unit of work (module level so a worker process can run it): kind = "prepare" (SFT, presample, eval base)
-    or "method" (RL from the seed's SFT model, then eval)."""
+def run_job(cfg, arm: dict | None, seed: int, root: str, quiet: bool = True) -> dict:
+    """One unit of work (module level so a worker process can run it): arm None = the seed's base job (SFT,
+    presample, eval base); otherwise one arm's RL run from its start model, then eval."""
     import torch
 
     from . import tasks
-    from .cli import Session, cmd_eval, cmd_presample, cmd_train
     from .config import save_config
+    from .pipeline import Session, run_eval, run_presample, run_train
     from .sft import sft_styles
+    from .trainer import list_checkpoints
 
     seed_dir = os.path.join(root, f"seed_{seed}")
-    name = "base" if kind == "prepare" else method
+    name = "base" if arm is None else arm["name"]
     run_dir = os.path.join(seed_dir, name)
     out = _quiet_worker(os.path.join(run_dir, "worker.log")) if quiet else None
     try:
         torch.set_num_threads(1)
         t0 = time.time()
-        model_dir = os.path.join(seed_dir, "sft")
-        job = _method_cfg(cfg, name, seed, run_dir, model_dir)
+        sft_dir = os.path.join(seed_dir, "sft")
+        start_dir = sft_dir
+        if arm is not None and arm["start"] == "grpo":  # recovery: from the seed's GRPO checkpoint; pi_ref stays SFT
+            start_dir = list_checkpoints(os.path.join(seed_dir, "grpo", "checkpoints"))[-1]
+        job = arm_config(cfg, arm, seed, run_dir, start_dir)
         run = RunDir(run_dir)
         save_config(job, run.p("config.yaml"))
-        args = SimpleNamespace(resume=False, checkpoint="latest", tag=None)
-        if kind == "prepare":
+        if arm is None:
             task = tasks.get_task(cfg.task.name, seed=cfg.task.seed, **(cfg.task.kwargs or {}))
             torch.manual_seed(seed)
-            sft_styles(task, model_dir, cfg.compare.sft, seed=seed, log=run.log)
+            sft_styles(task, sft_dir, cfg.compare.sft, seed=seed, log=run.log)
             s = Session(job)
-            cmd_presample(job, args, s)
-            res = cmd_eval(job, args, s, tag="base")
+            run_presample(s)
+            res = run_eval(s, "base")
         else:
-            src = os.path.join(seed_dir, "base", "presample")
             dst = run.p("presample")
-            if not os.path.isdir(dst):
-                shutil.copytree(src, dst)  # the same pi_ref samples and split for every method of this seed
+            if not os.path.isdir(dst):  # the same pi_ref samples and split for every arm of this seed
+                shutil.copytree(os.path.join(seed_dir, "base", "presample"), dst)
             s = Session(job)
-            cmd_train(job, args, s)
-            res = cmd_eval(job, args, s, tag="final")
+            run_train(s, ref_model_name=sft_dir)  # a KL penalty's reference is the SFT model, whatever the start
+            res = run_eval(s, "final")
         s.close()
-        return dict(kind=kind, seed=seed, method=name, seconds=round(time.time() - t0, 1), eval=res)
+        return dict(seed=seed, arm=name, seconds=round(time.time() - t0, 1), eval=res)
     finally:
         if out is not None:  # a pool worker runs several jobs: give each its own log, close the last one
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
             out.close()
 
 
-def _summary(res: dict) -> dict:
-    """The per-split numbers compare.json keeps (the rest stays in the job's eval/*.json)."""
+# ---------------------------------------------------------------------------------------------------- measurements
+def _kl(p: list, q: list) -> float:
+    """KL(p || q) of two discrete distributions (nats); q is floored so a vanished style gives a large, finite KL."""
+    return sum(a * (math.log(max(a, 1e-12)) - math.log(max(b, 1e-12))) for a, b in zip(p, q) if a > 0)
+
+
+def _per_prompt_pass(counts: list, n: int, k: int) -> list:
+    from .passk import pass_at_k
+
+    return [pass_at_k(n, c, k) for c in counts]
+
+
+def summarize(res: dict, base: dict) -> dict:
+    """The per-split numbers compare.json keeps for one (arm, seed) eval, with the measurements relative to the
+    seed's base eval: realised KL of the first-token style distribution in both directions, and keep / explore at
+    k = 16 (of the prompts base solves, i.e. its per-prompt Pass@16 >= 0.5, the arm's mean Pass@16; of those it
+    misses, the same)."""
     out = {}
+    n = res["n"]
     for split, r in res["splits"].items():
-        out[split] = {"pass@1": r["pass_at_k"]["1"], "pass@16": r["pass_at_k"].get("16"), "greedy": r.get("greedy"),
-                      "style_entropy": r.get("style_entropy"),
-                      "style_entropy_per_prompt": r.get("style_entropy_per_prompt"),
-                      "pass_at_k": {k: v for k, v in r["pass_at_k"].items()},
-                      "style_counts": r.get("style_counts", {})}
+        s = {"pass@1": r["pass_at_k"]["1"], "pass@16": r["pass_at_k"].get("16"), "greedy": r.get("greedy"),
+             "style_entropy": r.get("style_entropy"), "style_entropy_per_prompt": r.get("style_entropy_per_prompt"),
+             "pass_at_k": dict(r["pass_at_k"]), "style_counts": r.get("style_counts", {}),
+             "by_category": {g: {k: v for k, v in c.items() if k in ("n_prompts", "pass@1", "pass@16", "pass_at_k",
+                                                                      "style_entropy", "style_entropy_per_prompt")}
+                             for g, c in (r.get("by_category") or {}).items()}}
+        b = base["splits"].get(split, {})
+        if r.get("style_first_token_probs") and b.get("style_first_token_probs"):
+            P, Q = b["style_first_token_probs"], r["style_first_token_probs"]
+            s["kl_ref_theta"] = sum(_kl(p, q) for p, q in zip(P, Q)) / len(P)
+            s["kl_theta_ref"] = sum(_kl(q, p) for p, q in zip(P, Q)) / len(P)
+            s["style_first_token_mean"] = [sum(q[i] for q in Q) / len(Q) for i in range(len(Q[0]))]
+        if "16" in r["pass_at_k"] and b.get("correct_counts"):
+            arm16 = _per_prompt_pass(r["correct_counts"], n, 16)
+            base16 = _per_prompt_pass(b["correct_counts"], base["n"], 16)
+            solved = [a for a, c in zip(arm16, base16) if c >= 0.5]
+            missed = [a for a, c in zip(arm16, base16) if c < 0.5]
+            s["keep@16"] = sum(solved) / len(solved) if solved else None
+            s["explore@16"] = sum(missed) / len(missed) if missed else None
+        out[split] = s
     return out
 
 
-def check_compare(cfg) -> None:
-    """The settings compare needs, checked before anything loads (ConfigError: one line, exit 2)."""
-    from .config import METHODS, ConfigError
+# ---------------------------------------------------------------------------------------------------- the job
+def check_compare(cfg) -> dict:
+    """The settings compare needs, checked before anything loads (ConfigError: one line, exit 2); -> the arms."""
+    from .config import ConfigError
 
     if cfg.task.name != "styles":
         raise ConfigError(f"task.name: compare runs on the styles task, got {cfg.task.name!r}")
     cc = cfg.compare
     if not cc.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in cc.seeds):
         raise ConfigError(f"compare.seeds: expected a non-empty list of ints, got {cc.seeds!r}")
-    bad = [m for m in cc.methods if m not in METHODS]
-    if bad or not cc.methods:
-        raise ConfigError(f"compare.methods: expected presets among {METHODS}, got {list(cc.methods)!r}")
-    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and b >= 0 for b in cc.rkl_betas):
-        raise ConfigError(f"compare.rkl_betas: expected numbers >= 0, got {cc.rkl_betas!r}")
     if cfg.eval.n < 16 or 16 not in cfg.eval.ks or 1 not in cfg.eval.ks:
         raise ConfigError(f"eval.ks: compare reports Pass@1 and Pass@16, so eval.ks must hold 1 and 16 (eval.n >= 16);"
                           f" got ks={cfg.eval.ks}, n={cfg.eval.n}")
+    arms = expand_arms(cc)
+    if any(a["samples"] == "all" for a in arms.values()) and not cfg.presample.store_all:
+        raise ConfigError("compare.variants: an arm uses samples: all, so presample.store_all must be true")
+    return arms
 
 
 def _workers(cfg) -> int:
@@ -136,54 +251,60 @@ def compare(cfg, log=print) -> dict:
     """Run the whole comparison; returns the compare.json content."""
     from tqdm.auto import tqdm
 
+    from .compare_claims import claims
     from .config import to_dict
 
-    check_compare(cfg)
+    arms = check_compare(cfg)
     cc = cfg.compare
-    methods = list(cc.methods) + [rkl_name(b) for b in cc.rkl_betas]
     root = os.path.abspath(cfg.run_dir)
     run = RunDir(root)
     t0 = time.time()
     workers = _workers(cfg)
-    n_jobs = len(cc.seeds) * (1 + len(methods))
-    log(f"[compare] seeds={list(cc.seeds)} methods={methods} jobs={n_jobs} workers={workers} -> {root}")
-    results: dict = {m: {} for m in ["base"] + methods}
+    n_jobs = len(cc.seeds) * (1 + len(arms))
+    log(f"[compare] seeds={list(cc.seeds)} arms={list(arms)} jobs={n_jobs} workers={workers} -> {root}")
+    evals: dict = {m: {} for m in ["base"] + list(arms)}
     timings: dict = {}
     bar = tqdm(total=n_jobs, desc="compare", unit="job")
 
     def done(r):
-        results[r["method"]][str(r["seed"])] = _summary(r["eval"])
-        timings[f"{r['method']}/seed_{r['seed']}"] = r["seconds"]
-        t = results[r["method"]][str(r["seed"])]["test"]
+        evals[r["arm"]][r["seed"]] = r["eval"]
+        timings[f"{r['arm']}/seed_{r['seed']}"] = r["seconds"]
+        t = r["eval"]["splits"]["test"]
         bar.update(1)
-        bar.write(f"[compare] seed {r['seed']} {r['method']:>8s}: test pass@1={t['pass@1']:.3f} "
-                  f"pass@16={t['pass@16']:.3f} style entropy={t['style_entropy']:.2f} bits ({r['seconds']:.0f} s)")
+        bar.write(f"[compare] seed {r['seed']} {r['arm']:>14s}: test pass@1={t['pass_at_k']['1']:.3f} "
+                  f"pass@16={t['pass_at_k']['16']:.3f} style entropy={t['style_entropy']:.2f} bits "
+                  f"({r['seconds']:.0f} s)")
+
+    def next_jobs(r):
+        """What a finished job unlocks: a base job its seed's arms from SFT; the grpo arm its seed's recoveries."""
+        start = "sft" if r["arm"] == "base" else "grpo" if r["arm"] == "grpo" else None
+        return [a for a in arms.values() if a["start"] == start] if start else []
 
     if workers == 1:
-        for seed in cc.seeds:
-            done(run_job(cfg, "prepare", seed, "base", root, quiet=False))
-            for m in methods:
-                done(run_job(cfg, "method", seed, m, root, quiet=False))
+        queue = [(None, s) for s in cc.seeds]
+        while queue:
+            arm, seed = queue.pop(0)
+            r = run_job(cfg, arm, seed, root, quiet=False)
+            done(r)
+            queue += [(a, seed) for a in next_jobs(r)]
     else:
         import multiprocessing as mp
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
         # spawn: a fresh interpreter per worker (fork after torch has started threads can deadlock)
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-            pending = {pool.submit(run_job, cfg, "prepare", s, "base", root): s for s in cc.seeds}
+            pending = {pool.submit(run_job, cfg, None, s, root) for s in cc.seeds}
             while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    pending.pop(fut)
                     r = fut.result()  # a failed job raises here; its log stays in its run folder
                     done(r)
-                    if r["kind"] == "prepare":
-                        for m in methods:
-                            pending[pool.submit(run_job, cfg, "method", r["seed"], m, root)] = r["seed"]
+                    pending |= {pool.submit(run_job, cfg, a, r["seed"], root) for a in next_jobs(r)}
     bar.close()
-    results = {m: dict(sorted(r.items(), key=lambda kv: int(kv[0]))) for m, r in results.items()}
-    out = dict(seeds=list(cc.seeds), methods=["base"] + methods, results=results,
-               wall_s=round(time.time() - t0, 1), job_seconds=timings, config=to_dict(cfg))
+    results = {m: {str(s): summarize(evals[m][s], evals["base"][s]) for s in sorted(evals[m])} for m in evals}
+    out = dict(seeds=list(cc.seeds), job_version=cc.job_version, methods=["base"] + list(arms), arms=arms,
+               results=results, wall_s=round(time.time() - t0, 1), job_seconds=timings, config=to_dict(cfg))
+    out["claims"] = claims(out)
     write_json(run.p("compare.json"), out)
     from .compare_report import write_report
 

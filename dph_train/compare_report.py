@@ -6,7 +6,11 @@ import statistics
 
 from .common import read_jsonl
 
-SPLITS = ("test", "ood")
+SPLITS = ("test", "ood-remap", "ood-shift")  # the pooled tables; the T2 probes get their own
+PROBES = ("t2a", "t2b")
+# The job's versions: anything in the evaluation changed after seeing results is a new version, listed here.
+JOB_VERSIONS = {1: "pre-registered before the first run (2026-12-08): arms by compare.variants, per-category metrics, "
+                   "realised KL, keep / explore, ood-remap / ood-shift, T2 probes, verdict rules of compare_claims.py"}
 METRICS = (("pass@1", "Pass@1", 100), ("pass@16", "Pass@16", 100), ("greedy", "Greedy", 100),
            ("style_entropy", "Style entropy (bits)", 1), ("style_entropy_per_prompt", "per prompt (bits)", 1))
 
@@ -84,6 +88,46 @@ def _table(cmp: dict, split: str) -> list:
     return lines + [""]
 
 
+def _cat(cmp, m, s, group, key):
+    r = cmp["results"][m][s]["test"]
+    return r.get("by_category", {}).get(group, {}).get(key) if group else r.get(key)
+
+
+def _category_table(cmp: dict) -> list:
+    """The numbers the claims read: per arm, single-style Pass@1 / @16, all-valid entropy, realised KL, keep /
+    explore on the test split (mean ± sd over seeds)."""
+    cols = (("single-style", "pass@1", "single Pass@1", 100), ("single-style", "pass@16", "single Pass@16", 100),
+            ("all-valid", "style_entropy_per_prompt", "all-valid bits/prompt", 1),
+            (None, "kl_ref_theta", "KL(ref‖θ)", 1), (None, "kl_theta_ref", "KL(θ‖ref)", 1),
+            (None, "keep@16", "keep@16", 100), (None, "explore@16", "explore@16", 100))
+    arms = cmp.get("arms", {})
+    lines = ["| arm | family | κ | routing | samples | start | " + " | ".join(c[2] for c in cols) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(cols)]
+    for m in cmp["methods"]:
+        if not cmp["results"].get(m):
+            continue
+        a = arms.get(m, dict(family="base", kappa="", routing="", samples="", start=""))
+        cells = []
+        for group, key, _, sc in cols:
+            xs = [v for v in (_cat(cmp, m, s, group, key) for s in cmp["results"][m]) if v is not None]
+            cells.append(mean_sd(xs, sc))
+        lines.append(f"| {m} | {a['family']} | {a['kappa']} | {a['routing']} | {a['samples']} | {a['start']} | "
+                     + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _probe_table(cmp: dict) -> list:
+    present = [p for p in PROBES if any(p in r for v in cmp["results"].values() for r in v.values())]
+    if not present:
+        return []
+    cols = [(p, k) for p in present for k in ("pass@1", "pass@16", "greedy")]
+    lines = ["| arm | " + " | ".join(f"{p} {k}" for p, k in cols) + " |", "|---|" + "---|" * len(cols)]
+    for m in cmp["methods"]:
+        if cmp["results"].get(m):
+            lines.append(f"| {m} | " + " | ".join(mean_sd(values(cmp, m, p, k), 100) for p, k in cols) + " |")
+    return lines + [""]
+
+
 def _paired_table(cmp: dict, split: str, other: str) -> list:
     if not cmp["results"].get(other):
         return []
@@ -115,8 +159,10 @@ def format_table(cmp: dict, split: str = "test") -> str:
 
 
 def write_report(cmp: dict, root: str) -> str:
+    from .compare_claims import format_claims, plot_frontiers
+
     cfg = cmp["config"]
-    plots = write_plots(cmp, root)
+    plots = write_plots(cmp, root) + plot_frontiers(cmp, root)
     n_test = cfg["task"]["kwargs"].get("n_test", "?")
     lines = ["# dph-train compare: GRPO's diversity collapse and DPH-RL's cure on the styles task", "",
              f"Seeds {cmp['seeds']}; every method starts from the seed's SFT model; eval on {n_test} held-out prompts "
@@ -125,14 +171,27 @@ def write_report(cmp: dict, root: str) -> str:
              f"pooled and its mean per prompt (bits; 4 styles -> at most 2, more only with responses without a style "
              f"word). RL: {cfg['train']['steps']} "
              f"steps x {cfg['train']['prompts_per_step']} prompts x G={cfg['train']['group_size']}, "
-             f"lr={cfg['train']['lr']}, presets unchanged. Wall {cmp['wall_s']:.0f} s.", ""]
-    lines += ["## Results", ""]
+             f"lr={cfg['train']['lr']} (arms may override steps / lr: compare.json `arms`). Strength "
+             f"κ = η·f''(1) for a divergence, the KL coefficient for kl-k3 / rkl-k2. Wall {cmp['wall_s']:.0f} s.", "",
+             f"Job version {cmp.get('job_version', 1)}: " + "; ".join(f"v{k}: {v}" for k, v in JOB_VERSIONS.items()
+                                                                     if k <= cmp.get("job_version", 1)), ""]
+    if "claims" in cmp:
+        lines += ["## Pre-registered verdicts (rules fixed in dph_train/compare_claims.py before the runs)", ""]
+        lines += format_claims(cmp["claims"], len(cmp["seeds"])) + [""]
+    lines += ["## Per category (test split)", "",
+              "single = the single-style test prompts (one valid style, named by the last letter); all-valid = the "
+              "prompts where every style is valid (base ≈ 2 bits per prompt); KL of the first-token style "
+              "distribution against the SFT model (nats, mean over test prompts); keep@16 / explore@16: of the test "
+              "prompts base solves (its per-prompt Pass@16 ≥ 0.5) / misses, the arm's mean Pass@16.", ""]
+    lines += _category_table(cmp)
+    lines += ["## Held-out SFT probes (forgetting; never in RL, presample or D_pef)", ""] + _probe_table(cmp)
+    lines += ["## Results (pooled per split)", ""]
     for split in SPLITS:
         lines += _table(cmp, split)
     lines += ["## Paired differences", ""]
-    for split in SPLITS:
+    for split in ("test", "ood-shift"):
         lines += _paired_table(cmp, split, "base") + _paired_table(cmp, split, "grpo")
-    lines += ["## The issue's numbers, checked on this run", ""]
+    lines += ["## The headline, checked on this run", ""]
     for statement, holds, evidence in checks(cmp):
         lines.append(f"- **{'holds' if holds else 'does NOT hold'}** — {statement}. {evidence}")
     lines += ["", "## Figures", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
@@ -147,21 +206,19 @@ def write_report(cmp: dict, root: str) -> str:
               "one-token style choice) are chosen so that the whole comparison runs in minutes. Which effect wins the "
               "race (collapse or learning the cue) depends on the learning rate and the number of steps: read the "
               "seeds, not only the means.",
-              "- ood re-maps the style-naming letters (never trained on). A policy that learned the training mapping "
-              "is confidently wrong there: its pooled style entropy stays high (different prompts, different "
-              "styles) while its per-prompt entropy is low, and its ood Pass@16 can fall as far as a collapsed "
-              "policy's. This toy does not reproduce the paper's ood gain of DPH-RL; read the ood table as "
-              "measured.",
+              "- ood-remap re-maps the style-naming letters (a conflicting rule that cannot be inferred from the "
+              "prompt): every method that learned the training rule is expected to lose there. ood-shift keeps the "
+              "rules and reverses the shares of the single-style categories (the analogue of a new distribution of "
+              "the same skill).",
+              "- The KL baselines are named by their gradient: kl-k3 (the paper's \"RKL\" row, verl's low_var_kl) "
+              "is a forward-KL gradient in expectation; rkl-k2 (on-policy) and dph-rkl (stored D_pef samples) are "
+              "reverse-KL ones (experiments.md §1).",
               "- With one PPO epoch on on-policy samples the ratio is exactly 1, so clip bounds never bind: dapo "
               "(clip-higher) differs from grpo only where the config gives ppo_epochs > 1."
               if cfg["train"]["ppo_epochs"] == 1 else
               f"- ppo_epochs={cfg['train']['ppo_epochs']}: the later epochs are off-policy, so the clip bounds (dapo's "
               "clip-higher) act.",
               ""]
-    if any(m.startswith("rkl-b") for m in cmp["methods"]):
-        lines += ["RKL with a larger beta (the sweep above, rows rkl-b*) is reported as measured: a reverse-KL "
-                  "penalty to the live reference model also holds the policy near pi_ref, at the price of a reference "
-                  "forward every step.", ""]
     path = os.path.join(root, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -178,8 +235,9 @@ def write_plots(cmp: dict, root: str) -> list:
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     paths = []
 
-    fig, axes = plt.subplots(1, len(SPLITS), figsize=(6 * len(SPLITS), 4.2), squeeze=False)
-    for ax, split in zip(axes[0], SPLITS):
+    splits = ("test", "ood-shift")
+    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.2), squeeze=False)
+    for ax, split in zip(axes[0], splits):
         for m in methods:
             runs = [cmp["results"][m][str(s)][split]["pass_at_k"] for s in cmp["seeds"] if str(s) in cmp["results"][m]]
             ks = sorted(int(k) for k in runs[0])
@@ -192,16 +250,16 @@ def write_plots(cmp: dict, root: str) -> list:
         ax.set_ylabel("Pass@k")
         ax.set_title(f"{split} (mean ± sd over {len(cmp['seeds'])} seeds)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     paths.append(os.path.join(root, "passk.png"))
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
-    styles = sorted({st for m in methods for s in cmp["results"][m].values() for sp in SPLITS
+    styles = sorted({st for m in methods for s in cmp["results"][m].values() for sp in splits
                      for st in s[sp]["style_counts"]})
-    fig, axes = plt.subplots(1, len(SPLITS), figsize=(6 * len(SPLITS), 4.2), squeeze=False)
-    for ax, split in zip(axes[0], SPLITS):
+    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.2), squeeze=False)
+    for ax, split in zip(axes[0], splits):
         bottom = [0.0] * len(methods)
         for st in styles:
             frac = []
@@ -215,7 +273,7 @@ def write_plots(cmp: dict, root: str) -> list:
             bottom = [b + f for b, f in zip(bottom, frac)]
         ax.set_ylabel("share of samples")
         ax.set_title(f"style of the samples, {split} (all seeds)")
-        ax.tick_params(axis="x", rotation=30)
+        ax.tick_params(axis="x", rotation=60, labelsize=6)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     paths.append(os.path.join(root, "styles.png"))
@@ -237,9 +295,9 @@ def write_plots(cmp: dict, root: str) -> list:
         ax.plot(range(1, n + 1), smooth, label=m, color=colors[m])
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training reward (D_exp rollouts, moving mean)")
-    ax.set_title("reward over training (mean over seeds); dph-* roll out on D_exp only")
+    ax.set_title("reward over training (mean over seeds); routing exp: rollouts on D_exp only")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     paths.append(os.path.join(root, "training.png"))
     fig.savefig(paths[-1], dpi=100)

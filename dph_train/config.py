@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-METHODS = ("grpo", "dapo", "rkl", "dph-f", "dph-js", "alpha")
+# FusedLinearDPHLoss presets (dph_kernels/fused.py PRESETS; "rkl" is the paper's label for kl-k3)
+METHODS = ("grpo", "dapo", "kl-k3", "rkl-k2", "rkl", "dph-f", "dph-js", "dph-rkl", "alpha")
 
 
 class ConfigError(ValueError):
@@ -100,6 +101,9 @@ class PresampleConfig:
     pef_resample_n: int = knob(4, ge=0)  # fresh samples per D_pef prompt for the stored set (correct ones are kept)
     pef_keep_incorrect: bool = False  # also store incorrect pi_ref samples (method.md keeps only correct ones)
     max_prompts: int | None = knob(24, ge=1)  # use only the first N training prompts (None: all)
+    # also store the first pass's n samples of EVERY prompt (correct or not) with their log pi_ref: the divergence
+    # samples of train.divergence_samples="all" (the routing ablation fkl-all)
+    store_all: bool = knob(False, "also store every prompt's pi_ref samples (for train.divergence_samples=all)")
     score_batch_size: int = knob(16, ge=1)  # sequences per forward when computing stored log pi_ref
 
 
@@ -107,6 +111,12 @@ class PresampleConfig:
 class TrainConfig:
     method: str = knob("dph-js", "a FusedLinearDPHLoss preset", choices=METHODS)
     loss: dict = field(default_factory=dict)  # overrides for the preset (eta, clip_high, kl_beta, ...)
+    # which prompts RL explores on: D_exp only, or all; auto: D_exp when the loss has a divergence (trainer.py)
+    routing: str = knob("auto", "RL rollouts on D_exp only (exp) or on every prompt (all); auto: exp iff a divergence",
+                        choices=("auto", "exp", "all"))
+    # whose stored pi_ref samples the divergence term uses: D_pef's (the method) or every prompt's (store_all)
+    divergence_samples: str = knob("pef", "stored pi_ref samples of D_pef (pef) or of all prompts (all; needs "
+                                   "presample.store_all)", choices=("pef", "all"))
     steps: int | None = knob(6, ge=0)  # optimizer steps; None: `epochs` passes over D_exp
     epochs: float = knob(1.0, "passes over D_exp when steps is null", gt=0)
     prompts_per_step: int = knob(2, ge=1)  # D_exp prompts per step
@@ -158,14 +168,21 @@ class SFTConfig:
     layers: int = knob(2, "decoder layers", ge=1)
     heads: int = knob(4, "attention heads (hidden_size must divide by it)", ge=1)
     intermediate_size: int = knob(256, "MLP width", ge=1)
+    # held-out skills (the t2 probes) that SFT teaches and RL never trains, so that forgetting can be measured
+    t2_share: float = knob(0.2, "share of SFT sequences that are t2-train forgetting probes (half t2a, half t2b)",
+                           ge=0, le=1)
 
 
 @dataclass
 class CompareConfig:
     """`dph-train compare`: per seed SFT -> presample -> one RL run per method -> eval; base is always evaluated."""
-    seeds: list = knob([0, 1, 2], "one SFT model and one RL run per method for each seed")
-    methods: list = knob(["grpo", "dapo", "rkl", "dph-f", "dph-js"], "train.method presets to compare")
-    rkl_betas: list = knob([], "extra rkl runs with these kl_beta (the preset has 0.01), reported as a sweep")
+    seeds: list = knob([0, 1, 2], "one SFT model and one RL run per arm for each seed")
+    # the arms, described by data (compare.py ARM_KEYS): name, family, preset, kappa (a number or a list: one arm
+    # per value, named <name>-k<kappa>), loss overrides, routing, samples, start (sft | grpo), steps, lr
+    variants: list = knob([{"name": "grpo", "preset": "grpo"}, {"name": "dph-f", "preset": "dph-f", "kappa": 0.05}],
+                          "the arms: list of {name, preset, kappa, loss, routing, samples, start, steps, lr}")
+    job_version: int = knob(1, "the evaluation's version: bump it when anything is changed after seeing results",
+                            ge=1)
     workers: int | None = knob(None, "parallel worker processes (null: one per core; 1: all in this process)", ge=1)
     sft: SFTConfig = field(default_factory=SFTConfig)
 
@@ -407,9 +424,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.ks: expected ints in [1, eval.n={cfg.eval.n}], got {bad}")
     if not cfg.eval.ks:
         raise ConfigError("eval.ks: expected at least one k")
-    bad = [s for s in cfg.eval.splits if s not in ("train", "test", "ood")]
+    from .tasks import task_splits  # each task may name its own splits (styles: ood-remap, t2a, ...)
+
+    allowed = task_splits(cfg.task.name)
+    bad = [s for s in cfg.eval.splits if s not in allowed]
     if bad:
-        raise ConfigError(f"eval.splits: expected splits among train | test | ood, got {bad}")
+        raise ConfigError(f"eval.splits: expected splits of task {cfg.task.name!r} among {' | '.join(allowed)}, "
+                          f"got {bad}")
     _check_loss(cfg.train.method, cfg.train.loss)
 
 

@@ -1,5 +1,9 @@
 """Evaluation: Greedy accuracy and unbiased Pass@k (n samples per prompt, T=1.0, top_p=0.95) per split, saved as
-<run>/eval/<tag>.json, plus a PNG of Pass@k vs k with one line per (tag, split), and the markdown report."""
+<run>/eval/<tag>.json, plus a PNG of Pass@k vs k with one line per (tag, split), and the markdown report.
+
+Tasks with prompt categories (styles: all-valid / single-style) also get every number per category group
+("by_category"), and the styles task gets the policy's exact first-token (style word) distribution per prompt
+("style_first_token_probs"): a 4+1-way distribution, cheap, from which exact KLs between checkpoints follow."""
 from __future__ import annotations
 
 import json
@@ -10,6 +14,7 @@ from collections import Counter
 
 import torch
 
+from .batching import score_sequences
 from .common import encode_prompt, write_json
 from .passk import mean_pass_at_k
 
@@ -49,6 +54,7 @@ def evaluate(cfg, model, tokenizer, task, engine, run, tag: str) -> dict:
         res["reasons"] = dict(reasons)
         res["mean_response_tokens"] = rb.n_response_tokens / len(rb)
         style_of = getattr(task, "style_of", None)
+        styles = None
         if callable(style_of):  # tasks with answer styles: how diverse are the samples?
             styles = [str(style_of(t)) for t in rb.texts]
             res["style_counts"] = dict(Counter(styles))
@@ -57,6 +63,15 @@ def evaluate(cfg, model, tokenizer, task, engine, run, tag: str) -> dict:
             # prompt needs has a high pooled entropy but a low per-prompt one
             res["style_entropy_per_prompt"] = sum(entropy_bits(Counter(styles[i * ec.n:(i + 1) * ec.n]))
                                                   for i in range(len(examples))) / len(examples)
+        category_group = getattr(task, "category_group", None)
+        if callable(category_group):  # the pooled numbers mix prompt kinds that move in opposite directions
+            groups = [category_group(ex) for ex in examples]
+            res["categories"] = groups
+            res["by_category"] = {g: _group_stats([i for i, x in enumerate(groups) if x == g], counts, styles, ec)
+                                  for g in sorted({x for x in groups if x is not None})}
+        if getattr(task, "name", None) == "styles" and hasattr(task, "STYLES"):
+            res["style_first_token_names"] = list(task.STYLES) + ["other"]
+            res["style_first_token_probs"] = first_token_probs(cfg, model, tokenizer, prompts, task.STYLES)
         result["splits"][split] = res
         run.log(f"[eval {tag}] {split}: greedy={res.get('greedy', float('nan')):.3f} "
                 + " ".join(f"pass@{k}={v:.3f}" for k, v in pk.items())
@@ -65,6 +80,44 @@ def evaluate(cfg, model, tokenizer, task, engine, run, tag: str) -> dict:
     write_json(run.p("eval", f"{tag}.json"), result)
     plot_passk(run.p("eval"))
     return result
+
+
+def _group_stats(idx: list, counts: list, styles: list | None, ec) -> dict:
+    """The split's numbers restricted to the prompts `idx` (one category group)."""
+    sub = [counts[i] for i in idx]
+    pk = mean_pass_at_k(sub, ec.n, ec.ks)
+    accuracy = sum(sub) / (len(sub) * ec.n)
+    # the unbiased Pass@1 is the sample accuracy, so it is there even when 1 is not among eval.ks
+    out = {"n_prompts": len(idx), "pass_at_k": {str(k): v for k, v in pk.items()}, "pass@1": pk.get(1, accuracy)}
+    if 16 in pk:
+        out["pass@16"] = pk[16]
+    out["sample_accuracy"] = accuracy
+    if styles is not None:
+        per_prompt = [styles[i * ec.n:(i + 1) * ec.n] for i in idx]
+        out["style_entropy"] = entropy_bits(Counter(s for p in per_prompt for s in p))
+        out["style_entropy_per_prompt"] = sum(entropy_bits(Counter(p)) for p in per_prompt) / len(idx)
+    return out
+
+
+def first_token_probs(cfg, model, tokenizer, prompts: list, words) -> list:
+    """Per prompt, the policy's probability (temperature 1, no top-p) that the response starts with each of `words`,
+    then "other" (1 - their sum, clamped at 0): exact, with no sampling noise. Each word must be one token; every
+    (prompt, word) pair is scored as a one-token response by the project's own fused log-prob (no logits)."""
+    ids = []
+    for w in words:
+        t = tokenizer(w, add_special_tokens=False)["input_ids"]
+        if len(t) != 1:
+            raise ValueError(f"first-token style distribution: style word {w!r} is {len(t)} tokens ({t}) with this "
+                             "tokenizer, expected exactly one")
+        ids.append(t)
+    device = next(model.parameters()).device
+    logps = score_sequences(model, [p for p in prompts for _ in ids], [t for _ in prompts for t in ids],
+                            tokenizer.pad_token_id, cfg.model, device, batch_size=512)
+    out = []
+    for i in range(len(prompts)):
+        probs = [math.exp(lp[0]) for lp in logps[i * len(ids):(i + 1) * len(ids)]]
+        out.append(probs + [max(0.0, 1.0 - sum(probs))])
+    return out
 
 
 def entropy_bits(counts: Counter) -> float:

@@ -5,6 +5,7 @@ last hidden states, never from logits. Everything is saved as a `datasets` Arrow
 
     <run>/presample/data/{prompts, pef}     prompts: id, prompt, answer, split, n, n_correct, reasons
                                             pef:     example_id, prompt_ids, response_ids, ref_logp, text, correct
+    <run>/presample/data/all                presample.store_all: every prompt's first-pass samples, pef's columns
     <run>/presample/summary.json
 """
 from __future__ import annotations
@@ -67,11 +68,22 @@ def presample(cfg, model, tokenizer, task, engine, run, device) -> dict:
                 pef_rows.append(dict(example_id=examples[c[0]].id, prompt_ids=c[1], response_ids=c[2],
                                      ref_logp=lp, text=c[3], correct=c[4]))
 
+    all_rows = []
+    if pc.store_all:  # the routing ablation's divergence samples: pi_ref's own samples, kept whatever their score
+        ref = score_sequences(model, [rb.prompt_list(k) for k in range(len(rb))],
+                              [rb.response_list(k) for k in range(len(rb))], tokenizer.pad_token_id, cfg.model,
+                              device, batch_size=pc.score_batch_size, impl=cfg.train.logp_impl)
+        for k, lp in enumerate(ref):
+            i = k // pc.n
+            all_rows.append(dict(example_id=examples[i].id, prompt_ids=rb.prompt_list(k),
+                                 response_ids=rb.response_list(k), ref_logp=lp, text=rb.texts[k],
+                                 correct=task.score(examples[i], rb.texts[k]).reward >= 1.0))
+
     n_exp = sum(1 for r in rows if r["split"] == "exp")
     counts = [r["n_correct"] for r in rows]
     summary = dict(
         n_prompts=len(rows), n=pc.n, pef_threshold=pc.pef_threshold,
-        n_exp=n_exp, n_pef=len(pef_idx), n_pef_samples=len(pef_rows),
+        n_exp=n_exp, n_pef=len(pef_idx), n_pef_samples=len(pef_rows), n_all_samples=len(all_rows),
         pef_sample_tokens=sum(len(r["response_ids"]) for r in pef_rows),
         sample_accuracy=sum(counts) / (len(rows) * pc.n),
         frac_all_correct=sum(1 for c in counts if c == pc.n) / len(rows),
@@ -81,13 +93,13 @@ def presample(cfg, model, tokenizer, task, engine, run, device) -> dict:
         mean_response_tokens=rb.n_response_tokens / len(rb),
         seconds=round(time.time() - t0, 1),
     )
-    save_presample(run.p("presample"), rows, pef_rows, summary)
+    save_presample(run.p("presample"), rows, pef_rows, summary, all_rows)
     run.log(f"[presample] D_exp={n_exp} D_pef={len(pef_idx)} prompts, {len(pef_rows)} stored pi_ref samples; "
             f"sample accuracy {summary['sample_accuracy']:.3f}; {summary['seconds']}s")
     return summary
 
 
-def save_presample(folder: str, rows: list, pef_rows: list, summary: dict) -> None:
+def save_presample(folder: str, rows: list, pef_rows: list, summary: dict, all_rows: list | None = None) -> None:
     import shutil
 
     from datasets import Dataset, DatasetDict, Features, List, Value
@@ -98,6 +110,8 @@ def save_presample(folder: str, rows: list, pef_rows: list, summary: dict) -> No
     dd = DatasetDict(prompts=Dataset.from_list(rows))
     if pef_rows:  # datasets cannot load back an empty split: no D_pef samples -> no "pef" split
         dd["pef"] = Dataset.from_list(pef_rows, features=pef_features)
+    if all_rows:
+        dd["all"] = Dataset.from_list(all_rows, features=pef_features)
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, "data.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -118,14 +132,18 @@ def presampled_data(folder: str) -> str:
     return data
 
 
-def load_presample(folder: str):
-    """-> (prompts rows as list of dicts, pef rows as list of dicts, summary dict)."""
+def load_presample(folder: str, samples: str = "pef"):
+    """-> (prompts rows as list of dicts, stored sample rows as list of dicts, summary dict). samples: "pef" (the
+    D_pef samples) or "all" (every prompt's, written only with presample.store_all)."""
     from datasets import load_from_disk
 
     dd = load_from_disk(presampled_data(folder))
     with open(os.path.join(folder, "summary.json")) as f:
         summary = json.load(f)
-    pef = dd["pef"].to_list() if "pef" in dd else []
+    if samples == "all" and "all" not in dd:
+        raise FileNotFoundError(f"{folder} holds no samples of all prompts (train.divergence_samples=all): presample "
+                                "again with presample.store_all=true")
+    pef = dd[samples].to_list() if samples in dd else []
     check_stored_logprobs(folder, pef)
     return dd["prompts"].to_list(), pef, summary
 

@@ -10,7 +10,10 @@ token count of its whole set in this step, so the sum over micro-batches is exac
     L = token-mean over D_exp tokens of the PPO-clip loss + eta * token-mean over D_pef tokens of f(u_t),
 the weighting method.md asks to expose (not the released code's accidental eta/8).
 
-Baselines (grpo, dapo, rkl) use no stored samples and explore on every training prompt (D_exp = all prompts).
+Routing (train.routing): RL explores on D_exp only ("exp") or on every training prompt ("all"); "auto" = "exp" when the
+loss has a divergence term (the DPH presets), "all" otherwise (grpo, dapo, kl-k3, rkl-k2). The divergence term uses the
+stored pi_ref samples of D_pef (train.divergence_samples="pef", the method) or of every prompt ("all": the routing
+ablation; presample.store_all must have stored them). KL-penalty presets (kl_beta > 0) score a live reference model.
 The loss path (PolicyLoss, one module whose forward is backbone + fused loss) hands lm_head's weight to the kernel;
 lm_head's forward is never called here.
 
@@ -37,9 +40,6 @@ from .common import (CheckpointWriteError, NonFiniteStep, encode_prompt, peak_me
                      write_json)
 from .models import autocast, head_transform, save_hf_folder
 from .parallel import Parallel
-
-DPH_METHODS = ("dph-f", "dph-js", "alpha")
-
 
 def build_loss(method: str, overrides: dict, impl: str = "auto", log_entropy: bool = False, head: dict | None = None):
     """The preset's loss; head: the model's softcap / logit_scale (models.head_transform), for both heads."""
@@ -83,13 +83,14 @@ class Trainer:
         # The entropy metric comes from the log pi_old pass, or (old_logp=on_policy) from the update pass itself.
         self.loss_fn = build_loss(tc.method, tc.loss, tc.logp_impl, log_entropy=tc.old_logp == "on_policy",
                                   head=head_transform(model))
-        self.use_pef = tc.method in DPH_METHODS
+        self.use_pef = self.loss_fn.cfg["divergence"] is not None
+        self.routing = routing = tc.routing if tc.routing != "auto" else ("exp" if self.use_pef else "all")
         by_id = {ex.id: ex for ex in task.examples("train")}
         missing = [r["id"] for r in prompts_rows if r["id"] not in by_id]
         if missing:
             raise ValueError(f"{len(missing)} pre-sampled prompts are not in the task's train split (task changed?): "
                              f"{missing[:3]}")
-        pool = [r for r in prompts_rows if r["split"] == "exp"] if self.use_pef else list(prompts_rows)
+        pool = [r for r in prompts_rows if r["split"] == "exp"] if routing == "exp" else list(prompts_rows)
         self.exp_examples = [by_id[r["id"]] for r in pool]
         self.exp_prompt_ids = [encode_prompt(tokenizer, ex.prompt, cfg.task) for ex in self.exp_examples]
         self.pef_rows = pef_rows if (self.use_pef and tc.pef_per_step > 0) else []
@@ -98,17 +99,15 @@ class Trainer:
         if not self.exp_examples and not self.pef_rows:
             raise ValueError("nothing to train on: D_exp is empty and there are no D_pef samples")
         self.ref_model = ref_model
-        if tc.method == "rkl" and float(self.loss_fn_kl_beta()) > 0 and ref_model is None:
-            raise ValueError("method rkl needs a reference model (pass ref_model)")
+        if needs_ref_model(self.loss_fn) and ref_model is None:
+            raise ValueError(f"method {tc.method} has a KL penalty (kl_beta > 0): it needs a reference model "
+                             "(pass ref_model)")
         # The optimizer is built on the wrapped module's parameters (under fsdp2: this rank's shards).
         self.policy = self.par.wrap(PolicyLoss(model, self.loss_fn, cfg.model), model)
         self.opt = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad], lr=tc.lr,
                                      weight_decay=tc.weight_decay, betas=tuple(tc.betas))
         self.step = 0
         self.total_steps = self._total_steps()
-
-    def loss_fn_kl_beta(self) -> float:
-        return float(self.loss_fn.cfg.get("kl_beta", 0.0))
 
     def _total_steps(self) -> int:
         tc = self.cfg.train
@@ -195,7 +194,8 @@ class Trainer:
         return out, time.time() - t0
 
     def _fill_logps(self, exp_seqs: list) -> dict:
-        """log pi_old (and entropy) of the rollouts under the current policy, no grad; online ref for rkl.
+        """log pi_old (and entropy) of the rollouts under the current policy, no grad; the online reference's
+        log-probs for a KL penalty.
         Scored on the plain model (parallel.py): no collective, whatever this rank's share is."""
         if self.cfg.train.old_logp == "on_policy":
             if exp_seqs and self.ref_model is not None:
@@ -419,7 +419,7 @@ class Trainer:
             if dropped:
                 self.run.log(f"[train] metrics.jsonl: dropped {dropped} line(s) after step {self.step}")
         self.run.log(f"[train] method={tc.method} steps={self.total_steps} D_exp prompts={len(self.exp_examples)} "
-                     f"stored D_pef samples={len(self.pef_rows)} G={tc.group_size} prompts/step={tc.prompts_per_step} "
+                     f"routing={self.routing} stored pi_ref samples={len(self.pef_rows)} G={tc.group_size} prompts/step={tc.prompts_per_step} "
                      f"pef/step={min(tc.pef_per_step, len(self.pef_rows))} lr={tc.lr}"
                      + (f" parallel={tc.parallel} world_size={self.par.world}" if self.par.enabled else ""))
         self.run.status("training", step=self.step, total_steps=self.total_steps)
@@ -492,8 +492,13 @@ def list_checkpoints(root: str) -> list:
     return out
 
 
+def needs_ref_model(loss_fn) -> bool:
+    """A KL penalty (kl-k3, rkl-k2) scores the rollouts under a live reference model every step."""
+    return float(loss_fn.cfg.get("kl_beta", 0.0)) > 0
+
+
 def make_ref_model(model):
-    """A frozen copy of the initial policy (the RKL baseline's online reference)."""
+    """A frozen copy of the initial policy (the KL-penalty baselines' online reference)."""
     ref = copy.deepcopy(model)
     ref.eval()
     for p in ref.parameters():

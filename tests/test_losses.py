@@ -299,7 +299,9 @@ def test_on_policy_ratio_is_one():
 
 
 def test_presets():
-    assert set(dk.PRESETS) == {"grpo", "dapo", "rkl", "dph-f", "dph-js", "alpha"}
+    assert set(dk.PRESETS) == {"grpo", "dapo", "kl-k3", "rkl-k2", "rkl", "dph-f", "dph-js", "dph-rkl", "alpha"}
+    assert dk.PRESETS["rkl"] == dk.PRESETS["kl-k3"]  # the paper's label for the k3 penalty, kept reachable
+    assert dk.PRESETS["rkl-k2"]["kl_estimator"] == "k2" and dk.PRESETS["dph-rkl"]["divergence"] == "rkl"
     assert dk.FusedLinearDPHLoss.preset("dph-js").cfg["divergence"] == "js"
     assert dk.FusedLinearDPHLoss.preset("dph-js", eta=0.1).cfg["eta"] == 0.1
     assert dk.FusedLinearDPHLoss.preset("rkl").cfg["kl_beta"] == 0.01

@@ -49,7 +49,7 @@ def test_checkpoints_kept_optimizer_state_and_memory_lines(tmp_path, parity):
 
 def test_gradients_are_freed_after_the_optimizer_step(tmp_path, parity):
     from dph_train.config import load_config
-    from dph_train.cli import Session
+    from dph_train.pipeline import Session
     from dph_train.presample import presample
     from dph_train.trainer import Trainer
 

@@ -216,7 +216,7 @@ def test_eval_base_is_explicit(tmp_path):
 
 def test_wrong_task_argument_is_a_config_error_before_the_model(tmp_path, monkeypatch):
     import dph_train.models as models
-    from dph_train.cli import Session
+    from dph_train.pipeline import Session
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded before the task check"))
     cfg = load_config(None, [f"--run_dir={tmp_path}", "--task.kwargs={n_trian: 3}", "--device=cpu"])

@@ -1,4 +1,5 @@
-"""Tasks with verifiable rewards: a prompt set (train / test / ood splits) and a scorer that never raises.
+"""Tasks with verifiable rewards: a prompt set (train / test / ood splits; a task may name its own, see task_splits)
+and a scorer that never raises.
 
     task = get_task("arith", seed=0)
     ex = task.examples("train")[0]
@@ -39,10 +40,20 @@ class Task(Protocol):
     def score(self, example: Example, response: str) -> Score: ...
 
 
-def check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+def check_split(split: str, allowed: tuple = SPLITS) -> str:
+    """`split`, when it is one of `allowed` (a task with its own splits passes its SPLITS)."""
+    if split not in allowed:
+        raise ValueError(f"split must be one of {tuple(allowed)}, got {split!r}")
     return split
+
+
+def task_splits(name: str) -> tuple:
+    """The split names of the task `name`, without building it (config validation uses it)."""
+    if name == "styles":
+        from .styles import StylesTask
+
+        return StylesTask.SPLITS
+    return SPLITS
 
 
 def get_task(name: str, **kwargs) -> Task:
@@ -75,4 +86,4 @@ def get_task(name: str, **kwargs) -> Task:
     raise ValueError(f"unknown task name {name!r}; expected one of 'arith', 'math', 'sql', 'styles', 'bird', 'spider'")
 
 
-__all__ = ["SPLITS", "Example", "Score", "Task", "check_split", "get_task"]
+__all__ = ["SPLITS", "Example", "Score", "Task", "check_split", "get_task", "task_splits"]
