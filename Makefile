@@ -12,7 +12,7 @@ STAMP_TIME := $(shell date +%Y%m%d_%H%M%S)
 RUN_DIR ?= runs/compare_$(STAMP_TIME)
 SMOLLM2_RUN_DIR ?= runs/smollm2_arith_$(STAMP_TIME)
 
-.PHONY: setup run run-smollm2 test bench kernel-bench clean
+.PHONY: setup run run-smollm2 run-real test bench kernel-bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,11 @@ run: $(STAMP)
 # The real-model run: SmolLM2-135M on arithmetic, presample -> eval -> train -> eval.
 run-smollm2: $(STAMP)
 	$(BIN)/dph-train run --config configs/cpu_smollm2_arith.yaml --run-dir=$(SMOLLM2_RUN_DIR)
+
+# The collapse and its cure on the bundled SmolLM2-135M (configs/compare_smollm2.yaml, one seed, <= 150 min on 2 cores).
+# A fixed run folder: run it again after a stop and it resumes, reusing every job that finished (compare.resume).
+run-real: $(STAMP)
+	$(BIN)/dph-train compare --config configs/compare_smollm2.yaml --run-dir=runs/compare_smollm2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

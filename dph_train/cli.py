@@ -5,7 +5,7 @@
     dph-train eval [--checkpoint latest|base|PATH] [--tag T]    Greedy + Pass@k on test and ood; JSON + PNG
     dph-train run [--method M] [--resume] [...]                 presample -> eval(base) -> train -> eval(final) -> report
     dph-train compare [--config configs/compare_styles.yaml]    SFT -> per method train + eval, 3 seeds: the collapse
-                                                                and its cure side by side (compare.json, report.md)
+                      [--resume]                                and its cure side by side (compare.json, report.md)
 
 Multi-process training: torchrun --nproc_per_node=N -m dph_train train|run --train.parallel=ddp|fsdp2 [...]
 (README "Multi-process training"); under torchrun, presample and eval run on rank 0 only.
@@ -198,6 +198,9 @@ def cmd_compare(cfg, args) -> dict:
         print("\n" + format_table(out, split))
     for exp, c in out["claims"].items():
         print(f"claim {exp}: {c['verdict']} — {c['statement']}")
+    if "replication" in out:
+        print(f"qualitative replication ({cfg.compare.criteria}): {out['replication']['verdict']} — "
+              f"{out['replication']['statement']}")
     print(f"\nwall {out['wall_s']:.0f} s; report {os.path.join(os.path.abspath(cfg.run_dir), 'report.md')}")
     return out
 
@@ -220,6 +223,8 @@ def main(argv: list | None = None) -> int:
         if args.command == "compare":
             from .compare import check_compare
 
+            if args.resume:  # --resume = --compare.resume=true: reuse the jobs that finished (compare.run_job)
+                cfg.compare.resume = True
             check_compare(cfg)
         if args.command in ("train", "run"):
             check_launch(cfg.train.parallel, args.command)

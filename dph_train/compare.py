@@ -4,18 +4,25 @@ the styles task (experiments.md), in one command.
 For each seed: SFT a tiny Llama on the styles task (it samples every style about equally, and learns the held-out
 T2 probes) -> presample it (n, the 8/8 rule) -> evaluate it ("base") -> for each arm of compare.variants, RL from that
 same model (or, for recovery arms, from the seed's grpo checkpoint) through the same pipeline as `dph-train train`
--> evaluate. Jobs run in worker processes, one thread each. Everything lands in one folder:
+-> evaluate. Jobs run in worker processes, one thread each (config `threads` when set). Everything lands in one
+folder:
 
     <run_dir>/compare.json        seeds, arms (family, kappa, routing, samples, estimator, start), results, claims
     <run_dir>/report.md           tables (mean +- sd over seeds, paired differences), the pre-registered verdicts
     <run_dir>/*.png               Pass@k, styles, training reward, frontiers
     <run_dir>/seed_<s>/sft/       the SFT model (HF folder, reused when the settings match)
-    <run_dir>/seed_<s>/base/      presample/ + eval/base.json + log.txt
+    <run_dir>/seed_<s>/base/      presample/ + eval/base.json + log.txt (+ probes_screened.json: spelling words)
     <run_dir>/seed_<s>/<arm>/     a `dph-train train` run folder: log, metrics.jsonl, checkpoint, eval/
 
 An arm is data (compare.variants), not code: {name, family, preset, kappa, loss, routing, samples, start, steps, lr}.
 kappa = eta * f''(1) (divergence presets) or kl_beta (kl-k3, rkl-k2): the strength that is comparable across
 divergences (experiments.md §2). A list of kappas makes one arm per value, named <name>-k<kappa>.
+
+A real model (compare.sft.base_model, the styles task spelled in its tokenizer: task.kwargs spelling "words") gets
+the keep-rate probes: the base job screens them once with greedy decoding of the SFT model (the RL start and pi_ref),
+before any RL, into seed_<s>/base/probes_screened.json; every job's "probes" split holds only the probes kept there,
+so its greedy accuracy is the keep-rate. compare.resume reuses every job that finished in an earlier run of the same
+run_dir (run_job), so a long run can be stopped and continued, or split across sessions.
 """
 from __future__ import annotations
 
@@ -107,11 +114,14 @@ def expand_arms(cc) -> dict:
     return arms
 
 
-def arm_config(cfg, arm: dict | None, seed: int, run_dir: str, model_dir: str):
-    """The resolved config of one job: the compare config with this seed, model and arm (None: the base job)."""
+def arm_config(cfg, arm: dict | None, seed: int, run_dir: str, model_dir: str, probes_screened: str | None = None):
+    """The resolved config of one job: the compare config with this seed, model and arm (None: the base job);
+    probes_screened: the seed's screening file, for a task with keep-rate probes."""
     job = copy.deepcopy(cfg)
-    job.seed, job.run_dir, job.threads = seed, run_dir, 1
+    job.seed, job.run_dir, job.threads = seed, run_dir, cfg.threads or 1  # threads set: a real model, few workers
     job.model = dataclasses.replace(job.model, name=model_dir, tokenizer=None)
+    if probes_screened is not None:
+        job.task.kwargs = {**(job.task.kwargs or {}), "probes_screened": probes_screened}
     if arm is not None:
         job.train.method, job.train.loss = arm["preset"], dict(arm["loss"])
         job.train.routing = arm["routing"]
@@ -132,9 +142,71 @@ def _quiet_worker(log_path: str):
     return f
 
 
+def _resume_key(job) -> dict:
+    """A job's resolved config as compare.resume compares it: whether a run resumes, or with how many workers, does
+    not change a job's numbers."""
+    import yaml
+
+    from .config import to_dict
+
+    d = yaml.safe_load(yaml.safe_dump(to_dict(job), sort_keys=False))  # as config.yaml stores it
+    for k in ("resume", "workers"):
+        d["compare"].pop(k, None)
+    return d
+
+
+def finished_job(run_dir: str, job, arm: dict | None) -> str | None:
+    """The eval file of a job that finished in this run folder with the same resolved config (an arm: eval/final.json;
+    base: eval/base.json, its presample and, with keep-rate probes, the screening), else None."""
+    import yaml
+
+    files = [os.path.join(run_dir, "eval", "final.json" if arm is not None else "base.json")]
+    if arm is None:
+        files.append(os.path.join(run_dir, "presample", "summary.json"))
+        if job.task.kwargs.get("probes_screened"):
+            files.append(job.task.kwargs["probes_screened"])
+    if not all(os.path.exists(f) for f in files + [os.path.join(run_dir, "config.yaml")]):
+        return None
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        saved = yaml.safe_load(f)
+    for k in ("resume", "workers"):
+        saved.get("compare", {}).pop(k, None)
+    return files[0] if saved == _resume_key(job) else None
+
+
+def has_probes(cfg) -> bool:
+    from .tasks import task_splits
+    from .tasks.styles import PROBE_SPLIT
+
+    return PROBE_SPLIT in task_splits(cfg.task.name, cfg.task.kwargs)
+
+
+def screen_probes(s, path: str) -> dict:
+    """Greedy decoding of the session's model (the SFT model, before any RL) on every keep-rate probe; the ones it
+    answers right are written to `path` ("kept") and form the "probes" split of every later job."""
+    from .common import encode_prompt
+    from .tasks.styles import PROBE_SPLIT
+
+    examples = s.task.examples(PROBE_SPLIT)
+    prompts = [encode_prompt(s.tok, ex.prompt, s.cfg.task) for ex in examples]
+    max_new = s.cfg.eval.max_new_tokens or s.cfg.rollout.max_new_tokens
+    rb = s.engine.generate(prompts, n=1, greedy=True, max_new_tokens=max_new, desc="screen probes")
+    rows = [dict(id=ex.meta["probe_id"], prompt=ex.prompt, answers=ex.answer, response=t,
+                 ok=s.task.score(ex, t).reward >= 1.0) for ex, t in zip(examples, rb.texts)]
+    out = dict(kept=[r["id"] for r in rows if r["ok"]], n=len(rows), max_new_tokens=max_new, rows=rows)
+    write_json(path, out)
+    s.run.log(f"[probes] screening: the SFT model answers {len(out['kept'])}/{len(rows)} keep-rate probes greedily "
+              f"-> {path}")
+    return out
+
+
 def run_job(cfg, arm: dict | None, seed: int, root: str, quiet: bool = True) -> dict:
     """One unit of work (module level so a worker process can run it): arm None = the seed's base job (SFT,
-    presample, eval base); otherwise one arm's RL run from its start model, then eval."""
+    presample, screen the keep-rate probes, eval base); otherwise one arm's RL run from its start model, then eval.
+    With compare.resume a job that finished before (finished_job) is read back instead of rerun, and an unfinished
+    one's folder is removed first (a rerun from the start is deterministic; a half-written one would not be)."""
+    import json
+
     import torch
 
     from . import tasks
@@ -146,22 +218,42 @@ def run_job(cfg, arm: dict | None, seed: int, root: str, quiet: bool = True) -> 
     seed_dir = os.path.join(root, f"seed_{seed}")
     name = "base" if arm is None else arm["name"]
     run_dir = os.path.join(seed_dir, name)
+    sft_dir = os.path.join(seed_dir, "sft")
+    start_dir = sft_dir
+    if arm is not None and arm["start"] == "grpo":  # recovery: from the seed's GRPO checkpoint; pi_ref stays SFT
+        start_dir = list_checkpoints(os.path.join(seed_dir, "grpo", "checkpoints"))[-1]
+    screened = os.path.join(seed_dir, "base", "probes_screened.json") if has_probes(cfg) else None
+    job = arm_config(cfg, arm, seed, run_dir, start_dir, screened)
+    if cfg.compare.resume:
+        done = finished_job(run_dir, job, arm)
+        if done is not None:
+            with open(done) as f:
+                res = json.load(f)
+            seconds = None
+            if os.path.exists(os.path.join(run_dir, "job.json")):
+                with open(os.path.join(run_dir, "job.json")) as f:
+                    seconds = json.load(f).get("seconds")
+            RunDir(run_dir).log(f"[compare] resume: seed {seed} {name} finished before; reusing {done}")
+            return dict(seed=seed, arm=name, seconds=seconds, eval=res, reused=True)
+        if os.path.isdir(run_dir):  # unfinished, or other settings: its logs, metrics and checkpoints would mix in
+            RunDir(run_dir).log(f"[compare] resume: seed {seed} {name} did not finish with these settings; rerun")
+            shutil.rmtree(run_dir)
     out = _quiet_worker(os.path.join(run_dir, "worker.log")) if quiet else None
     try:
-        torch.set_num_threads(1)
+        torch.set_num_threads(cfg.threads or 1)
         t0 = time.time()
-        sft_dir = os.path.join(seed_dir, "sft")
-        start_dir = sft_dir
-        if arm is not None and arm["start"] == "grpo":  # recovery: from the seed's GRPO checkpoint; pi_ref stays SFT
-            start_dir = list_checkpoints(os.path.join(seed_dir, "grpo", "checkpoints"))[-1]
-        job = arm_config(cfg, arm, seed, run_dir, start_dir)
         run = RunDir(run_dir)
         save_config(job, run.p("config.yaml"))
         if arm is None:
             task = tasks.get_task(cfg.task.name, seed=cfg.task.seed, **(cfg.task.kwargs or {}))
             torch.manual_seed(seed)
-            sft_styles(task, sft_dir, cfg.compare.sft, seed=seed, log=run.log)
-            s = Session(job)
+            sft_styles(task, sft_dir, cfg.compare.sft, seed=seed, log=run.log, task_cfg=cfg.task, model_cfg=cfg.model)
+            if screened is None:
+                s = Session(job)
+            else:  # the task is built with every probe first; the screening then picks the base eval's probes too
+                s = Session(arm_config(cfg, arm, seed, run_dir, start_dir))
+                screen_probes(s, screened)
+                s.cfg, s.task = job, tasks.get_task(job.task.name, seed=job.task.seed, **job.task.kwargs)
             run_presample(s)
             res = run_eval(s, "base")
         else:
@@ -172,7 +264,9 @@ def run_job(cfg, arm: dict | None, seed: int, root: str, quiet: bool = True) -> 
             run_train(s, ref_model_name=sft_dir)  # a KL penalty's reference is the SFT model, whatever the start
             res = run_eval(s, "final")
         s.close()
-        return dict(seed=seed, arm=name, seconds=round(time.time() - t0, 1), eval=res)
+        seconds = round(time.time() - t0, 1)
+        write_json(run.p("job.json"), dict(seconds=seconds))  # read back by a resumed run
+        return dict(seed=seed, arm=name, seconds=seconds, eval=res)
     finally:
         if out is not None:  # a pool worker runs several jobs: give each its own log, close the last one
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
@@ -261,19 +355,24 @@ def compare(cfg, log=print) -> dict:
     t0 = time.time()
     workers = _workers(cfg)
     n_jobs = len(cc.seeds) * (1 + len(arms))
-    log(f"[compare] seeds={list(cc.seeds)} arms={list(arms)} jobs={n_jobs} workers={workers} -> {root}")
+    log(f"[compare] seeds={list(cc.seeds)} arms={list(arms)} jobs={n_jobs} workers={workers} -> {root}"
+        + (" (resume: finished jobs are reused)" if cc.resume else ""))
     evals: dict = {m: {} for m in ["base"] + list(arms)}
     timings: dict = {}
     bar = tqdm(total=n_jobs, desc="compare", unit="job")
 
+    reused = []
+
     def done(r):
         evals[r["arm"]][r["seed"]] = r["eval"]
         timings[f"{r['arm']}/seed_{r['seed']}"] = r["seconds"]
+        if r.get("reused"):
+            reused.append(f"{r['arm']}/seed_{r['seed']}")
         t = r["eval"]["splits"]["test"]
         bar.update(1)
+        took = "reused" if r.get("reused") else f"{r['seconds']:.0f} s"
         bar.write(f"[compare] seed {r['seed']} {r['arm']:>14s}: test pass@1={t['pass_at_k']['1']:.3f} "
-                  f"pass@16={t['pass_at_k']['16']:.3f} style entropy={t['style_entropy']:.2f} bits "
-                  f"({r['seconds']:.0f} s)")
+                  f"pass@16={t['pass_at_k']['16']:.3f} style entropy={t['style_entropy']:.2f} bits ({took})")
 
     def next_jobs(r):
         """What a finished job unlocks: a base job its seed's arms from SFT; the grpo arm its seed's recoveries."""
@@ -304,7 +403,13 @@ def compare(cfg, log=print) -> dict:
     results = {m: {str(s): summarize(evals[m][s], evals["base"][s]) for s in sorted(evals[m])} for m in evals}
     out = dict(seeds=list(cc.seeds), job_version=cc.job_version, methods=["base"] + list(arms), arms=arms,
                results=results, wall_s=round(time.time() - t0, 1), job_seconds=timings, config=to_dict(cfg))
+    if reused:
+        out["reused_jobs"] = sorted(reused)  # compare.resume: these jobs' numbers come from an earlier invocation
     out["claims"] = claims(out)
+    if cc.criteria == "smollm2":
+        from .compare_real import replication
+
+        out["replication"] = replication(out)
     write_json(run.p("compare.json"), out)
     from .compare_report import write_report
 

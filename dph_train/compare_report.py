@@ -80,6 +80,8 @@ def checks(cmp: dict) -> list:
 
 
 def _table(cmp: dict, split: str) -> list:
+    if not any(split in r for v in cmp["results"].values() for r in v.values()):
+        return []  # a split this run did not evaluate (the real-model run: no ood-remap)
     lines = [f"### {split}", "", "| method | " + " | ".join(h for _, h, _ in METRICS) + " |",
              "|---|" + "---|" * len(METRICS)]
     for m in cmp["methods"]:
@@ -175,6 +177,14 @@ def write_report(cmp: dict, root: str) -> str:
              f"κ = η·f''(1) for a divergence, the KL coefficient for kl-k3 / rkl-k2. Wall {cmp['wall_s']:.0f} s.", "",
              f"Job version {cmp.get('job_version', 1)}: " + "; ".join(f"v{k}: {v}" for k, v in JOB_VERSIONS.items()
                                                                      if k <= cmp.get("job_version", 1)), ""]
+    if "replication" in cmp:
+        from .compare_real import format_replication
+
+        lines += ["## Declared criteria of the real-model run (fixed in dph_train/compare_real.py before the run)",
+                  ""] + format_replication(cmp["replication"])
+    if cmp.get("reused_jobs"):
+        lines += [f"Resumed: {len(cmp['reused_jobs'])} job(s) finished in an earlier invocation and were reused "
+                  f"(compare.resume): {', '.join(cmp['reused_jobs'])}.", ""]
     if "claims" in cmp:
         lines += ["## Pre-registered verdicts (rules fixed in dph_train/compare_claims.py before the runs)", ""]
         lines += format_claims(cmp["claims"], len(cmp["seeds"])) + [""]
@@ -219,6 +229,17 @@ def write_report(cmp: dict, root: str) -> str:
               f"- ppo_epochs={cfg['train']['ppo_epochs']}: the later epochs are off-policy, so the clip bounds (dapo's "
               "clip-higher) act.",
               ""]
+    if "replication" in cmp:  # the toy's reading (a 2-layer Llama and its sizes) does not describe a real model's run
+        lines = lines[:lines.index("## What this toy shows, and what it does not")]
+        lines += ["## What this run shows, and what it does not", "",
+                  f"- A pretrained model ({cfg['compare']['sft']['base_model']}, its top "
+                  f"{cfg['compare']['sft']['train_layers']} decoder layers SFT'd to answer in a uniformly random "
+                  "style) "
+                  "through the same pipeline as the toy; one seed, so every number is an indication and the "
+                  "divergence choice is not judged here. The verdict above applies the criteria declared in "
+                  "compare_real.py before the run, whichever way it falls.",
+                  "- keep-rate: the probes the SFT model answered right greedily before any RL (seed_<s>/base/"
+                  "probes_screened.json); an arm's greedy accuracy on them is the share it kept.", ""]
     path = os.path.join(root, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))

@@ -160,7 +160,8 @@ class EvalConfig:
 
 @dataclass
 class SFTConfig:
-    """The tiny Llama that `dph-train compare` builds from a config and fine-tunes on the styles task."""
+    """The tiny Llama that `dph-train compare` builds from a config and fine-tunes on the styles task (or, with
+    base_model, the pretrained model it loads and fine-tunes instead; sft.py)."""
     steps: int = knob(400, "SFT optimizer steps", ge=1)
     batch_size: int = knob(128, "SFT sequences per step", ge=1)
     lr: float = knob(3e-3, "SFT AdamW learning rate", gt=0)
@@ -171,6 +172,11 @@ class SFTConfig:
     # held-out skills (the t2 probes) that SFT teaches and RL never trains, so that forgetting can be measured
     t2_share: float = knob(0.2, "share of SFT sequences that are t2-train forgetting probes (half t2a, half t2b)",
                            ge=0, le=1)
+    # a pretrained model instead of the tiny Llama (the width / layers / heads knobs above are then unused)
+    base_model: str | None = knob(None, "null: the tiny Llama above; else a model.name (smollm2, tiny, a folder) to "
+                                  "fine-tune")
+    train_layers: int = knob(4, "base_model only: train its top N decoder layers + final norm (embeddings frozen)",
+                             ge=1)
 
 
 @dataclass
@@ -184,6 +190,11 @@ class CompareConfig:
     job_version: int = knob(1, "the evaluation's version: bump it when anything is changed after seeing results",
                             ge=1)
     workers: int | None = knob(None, "parallel worker processes (null: one per core; 1: all in this process)", ge=1)
+    # a job whose run folder already holds its final eval (an arm: eval/final.json; base: eval/base.json and the
+    # presample) is reused, not rerun; an unfinished one is removed and rerun from its start
+    resume: bool = knob(False, "reuse the jobs of an earlier run in the same run_dir that finished (compare.py)")
+    # extra pre-declared criteria checked in the report: "smollm2" = the real-model replication (compare_real.py)
+    criteria: str | None = knob(None, "extra pre-declared verdict in report.md: null | smollm2", choices=("smollm2",))
     sft: SFTConfig = field(default_factory=SFTConfig)
 
 
@@ -426,7 +437,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("eval.ks: expected at least one k")
     from .tasks import task_splits  # each task may name its own splits (styles: ood-remap, t2a, ...)
 
-    allowed = task_splits(cfg.task.name)
+    allowed = task_splits(cfg.task.name, cfg.task.kwargs)
     bad = [s for s in cfg.eval.splits if s not in allowed]
     if bad:
         raise ConfigError(f"eval.splits: expected splits of task {cfg.task.name!r} among {' | '.join(allowed)}, "

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning of a tiny Llama on the styles task: the starting point of `dph-train compare`.
+"""Supervised fine-tuning on the styles task: the starting point of `dph-train compare` (a tiny Llama built from a
+config, or a pretrained model: SFTConfig.base_model).
 
 The paper's central experiment starts from a model that already answers in several styles. Here a small Llama built
 from a config (no download) learns, from the training prompts, to answer with a style drawn uniformly at random and
@@ -7,9 +8,19 @@ styles are *rewarded* is left for RL to discover. A share of the sequences (SFTC
 forgetting probes ("t2-train", half t2a, half t2b, each with its one fixed answer): held-out skills that SFT teaches
 and RL never trains, so that what RL makes the model forget can be measured on t2a / t2b. The result is cached as a
 plain HF folder (model + tokenizer) and reused when the same settings ask for it again.
+
+With SFTConfig.base_model set (e.g. "smollm2", the bundled SmolLM2-135M-Instruct), the model and its tokenizer are
+loaded instead, and only its top `train_layers` decoder layers and the final norm are trained (freeze_below): which
+style to write and the letter transforms are output-side behaviour the top of the stack can learn, while the lower
+layers and the embeddings hold the pretrained knowledge the keep-rate probes measure. The embeddings are tied to the
+lm_head in SmolLM2, so training them would also move every output logit of every other skill: they stay frozen.
+Freezing the bottom also makes SFT cheap (no backward below the trained layers). The prompts are encoded exactly as
+RL and evaluation encode them (common.encode_prompt: the chat template when task.chat_template), the answer is the
+style word, the transform, then the tokenizer's end of sequence (SmolLM2: <|im_end|>, the end of the assistant turn).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -21,8 +32,13 @@ import torch
 import dph_kernels as dk
 
 from .batching import collate, response_hidden
-from .config import SFTConfig
-from .models import output_weight, save_hf_folder
+from .common import encode_prompt
+from .config import ModelConfig, SFTConfig
+from .models import backbone, output_weight, save_hf_folder
+
+# SFTConfig fields that only a pretrained base model reads: left out of the toy's cache key, so that the toy's cached
+# SFT folders written before these fields existed are still reused
+PRETRAINED_ONLY = ("base_model", "train_layers")
 
 
 def build_model(tok, sc: SFTConfig, seed: int = 0):
@@ -38,37 +54,71 @@ def build_model(tok, sc: SFTConfig, seed: int = 0):
         return LlamaForCausalLM(config)
 
 
-def sft_styles(task, folder: str, sc: SFTConfig, seed: int = 0, log=print) -> str:
+def freeze_below(model, train_layers: int) -> list:
+    """Freeze everything but the top `train_layers` decoder layers and the final norm (embeddings and the tied
+    lm_head stay frozen); returns the names of the trained parameters."""
+    layers = backbone(model).layers
+    if not 1 <= train_layers <= len(layers):
+        raise ValueError(f"compare.sft.train_layers: expected 1..{len(layers)} (the model's layers), "
+                         f"got {train_layers}")
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - train_layers:]:
+        layer.requires_grad_(True)
+    backbone(model).norm.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def sft_styles(task, folder: str, sc: SFTConfig, seed: int = 0, log=print, task_cfg=None,
+               model_cfg: ModelConfig | None = None) -> str:
     """Train (or reuse) the SFT model in `folder`; returns the folder. Each sequence is, with probability
     sc.t2_share, a t2-train probe with its fixed answer (held-out skills SFT teaches and RL never trains: they measure
-    forgetting), otherwise a training prompt answered in a uniformly random style."""
-    from .tasks.styles import STYLES, build_tokenizer
+    forgetting), otherwise a training prompt answered in a uniformly random style. task_cfg: how prompts are encoded
+    (common.encode_prompt; None: the plain prompt); model_cfg: the model section a pretrained base_model is loaded
+    with (its name replaced by sc.base_model)."""
+    from .tasks.styles import build_tokenizer
 
     marker = os.path.join(folder, "sft.json")
+    key = {k: v for k, v in asdict(sc).items() if sc.base_model is not None or k not in PRETRAINED_ONLY}
     if os.path.exists(marker):
         with open(marker) as f:
-            if json.load(f).get("config") == dict(asdict(sc), seed=seed):
+            if json.load(f).get("config") == dict(key, seed=seed):
                 log(f"[sft] reusing {folder}")
                 return folder
     t0 = time.time()
-    tok = build_tokenizer()
-    model = build_model(tok, sc, seed)
+    if sc.base_model is None:
+        tok = build_tokenizer()
+        model = build_model(tok, sc, seed)
+    else:
+        from .models import load_model
+
+        mc = dataclasses.replace(model_cfg or ModelConfig(), name=sc.base_model, tokenizer=None,
+                                 gradient_checkpointing=False)
+        model, tok = load_model(mc, "cpu")
+        trained = freeze_below(model, sc.train_layers)
+        log(f"[sft] {sc.base_model}: training the top {sc.train_layers} decoder layers + final norm "
+            f"({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M of "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; {trained[0]} .. {trained[-1]})")
+
+    def enc(prompt):
+        return encode_prompt(tok, prompt, task_cfg) if task_cfg is not None else tok(prompt)["input_ids"]
+
+    styles = task.STYLES
     examples = task.examples("train")
-    prompts = [tok(ex.prompt)["input_ids"] for ex in examples]
+    prompts = [enc(ex.prompt) for ex in examples]
     answers = {s: [tok(f"{s} {ex.answer[s]}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                   for ex in examples] for s in STYLES}
+                   for ex in examples] for s in styles}
     # the probes of each kind with their one answer ("swap ..." / "rot ...")
     t2 = {}
     for ex in task.examples("t2-train"):
         word = ex.meta["valid"][0]
         t2.setdefault(ex.meta["category"], []).append(
-            (tok(ex.prompt)["input_ids"], tok(f"{word} {ex.answer[word]}", add_special_tokens=False)["input_ids"]
+            (enc(ex.prompt), tok(f"{word} {ex.answer[word]}", add_special_tokens=False)["input_ids"]
              + [tok.eos_token_id]))
     t2_kinds = sorted(t2)
     if sc.t2_share > 0 and not t2_kinds:
         raise ValueError("compare.sft.t2_share > 0 but the task has no t2-train probes (task.kwargs n_t2_train=0?)")
     rng = random.Random(f"sft:{seed}")
-    opt = torch.optim.AdamW(model.parameters(), lr=sc.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=sc.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / sc.steps))
     model.train()
     for step in range(sc.steps):
@@ -78,7 +128,7 @@ def sft_styles(task, folder: str, sc: SFTConfig, seed: int = 0, log=print) -> st
                 seqs.append(rng.choice(t2[rng.choice(t2_kinds)]))
             else:
                 i = rng.randrange(len(examples))
-                seqs.append((prompts[i], answers[rng.choice(STYLES)][i]))
+                seqs.append((prompts[i], answers[rng.choice(styles)][i]))
         b = collate([p for p, _ in seqs], [r for _, r in seqs], tok.pad_token_id)
         logp = dk.linear_logprob(response_hidden(model, b), output_weight(model), b.targets)
         loss = -(logp * b.response_mask).sum() / b.response_mask.sum()
@@ -86,12 +136,13 @@ def sft_styles(task, folder: str, sc: SFTConfig, seed: int = 0, log=print) -> st
         loss.backward()
         opt.step()
         sched.step()
-        if (step + 1) % 100 == 0 or step == 0:
+        if (step + 1) % (100 if sc.base_model is None else 10) == 0 or step == 0:  # a real model's step is slow
             log(f"[sft] step {step + 1}/{sc.steps} loss {loss.item():.4f}")
+    model.requires_grad_(True)  # the saved model is an ordinary one: RL trains every parameter
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     save_hf_folder(model, tok, folder)
     with open(marker, "w") as f:
-        json.dump(dict(config=dict(asdict(sc), seed=seed), seconds=round(time.time() - t0, 1), final_loss=loss.item()), f)
+        json.dump(dict(config=dict(key, seed=seed), seconds=round(time.time() - t0, 1), final_loss=loss.item()), f)
     log(f"[sft] done in {time.time() - t0:.1f}s, final loss {loss.item():.4f} -> {folder}")
     return folder

@@ -47,12 +47,12 @@ def check_split(split: str, allowed: tuple = SPLITS) -> str:
     return split
 
 
-def task_splits(name: str) -> tuple:
-    """The split names of the task `name`, without building it (config validation uses it)."""
+def task_splits(name: str, kwargs: dict | None = None) -> tuple:
+    """The split names of the task `name` built with `kwargs`, without building it (config validation uses it)."""
     if name == "styles":
-        from .styles import StylesTask
+        from .styles import PROBE_SPLIT, StylesTask
 
-        return StylesTask.SPLITS
+        return StylesTask.SPLITS + ((PROBE_SPLIT,) if (kwargs or {}).get("spelling") == "words" else ())
     return SPLITS
 
 

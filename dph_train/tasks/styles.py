@@ -34,16 +34,30 @@ a marker word, five letters, "=":
     t2b   "y c a f b h ="  -> "rot a f b h c"    (always one existing style: an output RL does train)
 
 Every prompt is unique across all splits, and the splits that existed before the probes keep their prompts.
+
+Spelling (StylesTask(spelling=...)): "toy" (the default, above) names the styles copy / rev / rot / shift for the tiny
+word-level tokenizer. "words" is the same task for a real pretrained tokenizer (SmolLM2's): the styles are named
+copy / reverse / rotate / shift, words SmolLM2 keeps as one token each at the start of a response (the chat template's
+assistant header ends with a newline, so the first word has no leading space; the letters after it are " a" .. " h",
+one token each). Prompts, rules, shares and every split's prompts are those of the toy; only the style words differ.
+"words" also has the keep-rate split "probes" (data/keep_probes.jsonl): short questions with one answer each
+(capitals, next weekday / month, opposites, small sums) that a pretrained model already answers and RL never trains.
+`probes_screened` (the JSON file compare's screening writes: the ids the starting model answers right greedily) keeps
+only those, so that the split's greedy accuracy is the keep-rate.
 """
 from __future__ import annotations
 
+import json
+import os
 import random
+import re
+
 from . import Example, Score, check_split
 
 LETTERS = "abcdefgh"
 STYLES = ("copy", "rev", "rot", "shift")
 WORDS = STYLES + ("swap",)  # every transform word; "swap" answers only the t2a probes (it is not a style)
-REASONS = ("ok", "wrong_style", "bad_transform", "no_style")
+REASONS = ("ok", "wrong_style", "bad_transform", "no_style", "wrong_answer")  # wrong_answer: a keep-rate probe
 PROMPT_LEN = 5
 ALL = "all"
 
@@ -57,6 +71,11 @@ ALL_VALID_FIRST = "abc"  # first letters that make every style valid
 # forgetting probes: marker word -> the one word that answers it
 T2_MARKERS = {"t2a": "x", "t2b": "y"}
 T2_ANSWER = {"t2a": "swap", "t2b": "rot"}
+# spelling -> the words of STYLES, in STYLES' order (the rules above are written with the toy's names)
+SPELLINGS = {"toy": STYLES, "words": ("copy", "reverse", "rotate", "shift")}
+PROBE_SPLIT = "probes"  # the keep-rate probes ("words" spelling only)
+PROBES_FILE = os.path.join(os.path.dirname(__file__), "data", "keep_probes.jsonl")
+PROBE_WORDS = 10  # a probe is answered when its answer is among the first this many words of the response's first line
 
 
 def transform(style: str, letters: list) -> list:
@@ -76,10 +95,24 @@ def transform(style: str, letters: list) -> list:
     raise ValueError(f"style must be one of {WORDS}, got {style!r}")
 
 
-def style_of(response: str) -> str | None:
-    """The style word a response starts with, or None."""
+def style_of(response: str, styles: tuple = STYLES) -> str | None:
+    """The style word (one of `styles`) a response starts with, or None."""
     words = response.split() if isinstance(response, str) else []
-    return words[0] if words and words[0] in STYLES else None
+    return words[0] if words and words[0] in styles else None
+
+
+def load_probes(path: str = PROBES_FILE) -> list:
+    """The shipped keep-rate probes: [{"id", "prompt", "answers": [accepted answer words]}]."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def probe_answered(response: str, answers: list) -> bool:
+    """Lenient: an accepted answer (case-insensitive, whole words) is among the first PROBE_WORDS words of the
+    response's first non-empty line. A 135M model answers "The capital of France is Paris." as often as "Paris"."""
+    lines = [ln for ln in (response or "").splitlines() if ln.strip()]
+    words = re.findall(r"[a-z0-9]+", lines[0].lower())[:PROBE_WORDS] if lines else []
+    return any(all(w in words for w in re.findall(r"[a-z0-9]+", a.lower())) for a in answers)
 
 
 def build_tokenizer():
@@ -104,14 +137,24 @@ class StylesTask:
     STYLES = STYLES
     SPLITS = ("train", "test", "ood-remap", "ood-shift", "t2a", "t2b", "t2-train")
 
-    @staticmethod
-    def style_of(response: str) -> str | None:
+    def style_of(self, response: str) -> str | None:
         """The response's style word (evaluation reports the entropy of its distribution)."""
-        return style_of(response)
+        return style_of(response, self.STYLES)
 
     def __init__(self, seed: int = 0, n_train: int = 2048, n_test: int = 256, n_ood: int = 256, n_t2: int = 128,
-                 n_t2_train: int = 512):
-        """n_ood sizes each ood split; n_t2 / n_t2_train: probes per kind (t2a and t2b) in t2a, t2b / t2-train."""
+                 n_t2_train: int = 512, spelling: str = "toy", probes_screened: str | None = None):
+        """n_ood sizes each ood split; n_t2 / n_t2_train: probes per kind (t2a and t2b) in t2a, t2b / t2-train.
+        spelling: "toy" | "words" (the module docstring); probes_screened ("words" only): a screening file, whose
+        "kept" ids are the probes the "probes" split keeps (None: every shipped probe)."""
+        if spelling not in SPELLINGS:
+            raise ValueError(f"spelling must be one of {tuple(SPELLINGS)}, got {spelling!r}")
+        if probes_screened is not None and spelling != "words":
+            raise ValueError("probes_screened needs spelling='words' (the toy tokenizer cannot spell the probes)")
+        # the instance's names: the class attributes stay the toy's (config validation reads StylesTask.SPLITS)
+        self.STYLES = SPELLINGS[spelling]
+        self.SPLITS = StylesTask.SPLITS + ((PROBE_SPLIT,) if spelling == "words" else ())
+        self._word = dict(zip(STYLES, self.STYLES))  # the rules' style name -> this spelling's word
+        self._rule = {w: st for st, w in self._word.items()} | {"swap": "swap"}  # and back
         for arg, value in (("n_train", n_train), ("n_test", n_test), ("n_ood", n_ood), ("n_t2", n_t2),
                            ("n_t2_train", n_t2_train)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -126,14 +169,22 @@ class StylesTask:
         rng = random.Random(f"styles:{seed}:ood-shift")
         shift = [self._draw(rng, "train", "shift", seen) for _ in range(n_ood)]
         splits = {"train": in_domain[:n_train], "test": in_domain[n_train:], "ood-remap": remap, "ood-shift": shift}
-        splits = {s: [_example(s, i, c, lt) for i, (c, lt) in enumerate(v)] for s, v in splits.items()}
+        splits = {s: [_example(s, i, c, lt, self._word) for i, (c, lt) in enumerate(v)] for s, v in splits.items()}
         rng = random.Random(f"styles:{seed}:t2")
         t2_train = []
         for kind in T2_MARKERS:
             probes = [self._draw_t2(rng, kind, seen) for _ in range(n_t2 + n_t2_train)]
-            splits[kind] = [_t2_example(kind, i, kind, lt) for i, lt in enumerate(probes[:n_t2])]
+            splits[kind] = [_t2_example(kind, i, kind, lt, self._word) for i, lt in enumerate(probes[:n_t2])]
             t2_train += [(kind, lt) for lt in probes[n_t2:]]
-        splits["t2-train"] = [_t2_example("t2-train", i, kind, lt) for i, (kind, lt) in enumerate(t2_train)]
+        splits["t2-train"] = [_t2_example("t2-train", i, kind, lt, self._word) for i, (kind, lt) in enumerate(t2_train)]
+        if spelling == "words":
+            probes = load_probes()
+            if probes_screened is not None:
+                with open(probes_screened) as f:
+                    kept = set(json.load(f)["kept"])
+                probes = [p for p in probes if p["id"] in kept]
+            splits[PROBE_SPLIT] = [Example(id=f"styles-probes-{p['id']}", prompt=p["prompt"], answer=p["answers"],
+                                           meta=dict(category="probe", probe_id=p["id"])) for p in probes]
         self._splits = splits
 
     @staticmethod
@@ -166,22 +217,25 @@ class StylesTask:
     def examples(self, split: str) -> list:
         return list(self._splits[check_split(split, self.SPLITS)])
 
-    @staticmethod
-    def category_group(example: Example) -> str | None:
+    def category_group(self, example: Example) -> str | None:
         """"all-valid" | "single-style" for the style prompts (evaluation reports each group apart), None for the
-        forgetting probes."""
+        forgetting and keep-rate probes."""
         category = example.meta["category"]
         if category == ALL:
             return "all-valid"
-        return "single-style" if category in STYLES else None
+        return "single-style" if category in self.STYLES else None
 
     def score(self, example: Example, response: str) -> Score:
         try:
+            if example.meta["category"] == "probe":
+                if probe_answered(response, example.answer):
+                    return Score(1.0, "ok")
+                return Score(0.0, "wrong_answer", f"want one of {example.answer}, got {response[:40]!r}")
             words = response.split()
-            style = words[0] if words and words[0] in WORDS else None  # "swap" too: a probe's answer word
+            style = words[0] if words and words[0] in self._rule else None  # "swap" too: a probe's answer word
             if style is None:
                 return Score(0.0, "no_style", f"response starts with {words[:1]}")
-            want = transform(style, example.meta["letters"])
+            want = transform(self._rule[style], example.meta["letters"])
             if words[1:] != want:
                 return Score(0.0, "bad_transform", f"{style}: got {' '.join(words[1:])!r}, want {' '.join(want)!r}")
             if style not in example.meta["valid"]:
@@ -191,22 +245,24 @@ class StylesTask:
             return Score(0.0, "no_style", f"scorer error: {e!r}")
 
 
-def _example(split: str, i: int, category: str, letters: list) -> Example:
-    valid = list(STYLES) if category == ALL else [category]
+def _example(split: str, i: int, category: str, letters: list, word: dict) -> Example:
+    """word: the rules' style name -> the spelling's word (categories, valid styles and answers are spelled)."""
+    valid = [word[s] for s in STYLES] if category == ALL else [word[category]]
     return Example(
         id=f"styles-{split}-{i:05d}",
         prompt=" ".join(letters) + " =",
-        answer={s: " ".join(transform(s, letters)) for s in STYLES},
-        meta=dict(letters=letters, valid=valid, category=category),
+        answer={word[s]: " ".join(transform(s, letters)) for s in STYLES},
+        meta=dict(letters=letters, valid=valid, category=word.get(category, category)),
     )
 
 
-def _t2_example(split: str, i: int, kind: str, letters: list) -> Example:
+def _t2_example(split: str, i: int, kind: str, letters: list, word: dict) -> Example:
     """A forgetting probe: one valid answer word, so the answer is that word's transform alone."""
-    word = T2_ANSWER[kind]
+    rule = T2_ANSWER[kind]
+    word = word.get(rule, rule)
     return Example(
         id=f"styles-{split}-{i:05d}",
         prompt=" ".join([T2_MARKERS[kind]] + letters) + " =",
-        answer={word: " ".join(transform(word, letters))},
+        answer={word: " ".join(transform(rule, letters))},
         meta=dict(letters=letters, valid=[word], category=kind),
     )
