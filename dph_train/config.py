@@ -177,6 +177,10 @@ class SFTConfig:
                                   "fine-tune")
     train_layers: int = knob(4, "base_model only: train its top N decoder layers + final norm (embeddings frozen)",
                              ge=1)
+    # base_model only: a share of SFT sequences replays the base model's own greedy answers to generic prompts
+    # (sft.py REHEARSAL_FILE), so that SFT on the styles task does not turn every answer into a style
+    rehearsal_share: float = knob(0.0, "base_model only: share of SFT sequences that replay the base model's own "
+                                  "answers to generic prompts", ge=0, le=1)
 
 
 @dataclass

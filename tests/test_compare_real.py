@@ -104,6 +104,7 @@ def test_compare_real_pipeline_tiny_and_resume(tmp_path, monkeypatch):
     assert sft["config"]["base_model"] == "tiny" and sft["config"]["train_layers"] == 1
     log = (run_dir / "seed_0" / "base" / "log.txt").read_text()
     assert "training the top 1 decoder layers + final norm" in log and "[probes] screening" in log
+    assert "[sft] rehearsal: the base model's own greedy answers to" in log  # the config's rehearsal_share
     screen = json.loads((run_dir / "seed_0" / "base" / "probes_screened.json").read_text())
     assert screen["n"] == len(load_probes()) and 0 < len(screen["kept"]) < screen["n"]
     for m in out["methods"]:
