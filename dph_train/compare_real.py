@@ -27,12 +27,7 @@ DPH_KAPPA = 0.05  # the dph-f arm of the verdict: the one nearest this kappa
 PROBES = "probes"
 
 
-def _dig(d, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
+from .compare_claims import _dig  # noqa: E402  (one nested-lookup helper for both verdict modules)
 
 
 def _dph_arm(cmp: dict):
